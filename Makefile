@@ -1,0 +1,35 @@
+# One-command set-up on a fresh machine.  `make test` is what CI runs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv test lint demo gpu-check clean
+
+# A venv that sees the system's packages, so a GPU machine keeps its own torch.
+# Without torch, install the CPU build 2.13.0 (a bare `torch` would pull a multi-GB CUDA build).
+$(BIN)/activate:
+	$(PY) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,triton,hf,bench]"
+
+venv: $(BIN)/activate
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: venv lint
+	$(BIN)/python -m pytest -q -n 0 tests
+	$(BIN)/python benchmarks/compile_check.py
+	bash benchmarks/gpu_check.sh --dry-run
+
+demo: venv
+	$(BIN)/gpt2fast generate --random gpt2 --prompt "The fastest GPT-2 kernels" --max-new-tokens 32
+	$(BIN)/gpt2fast bench e2e --size gpt2 --batch 1 --prompt 32 --new 16
+
+gpu-check: venv
+	bash benchmarks/gpu_check.sh out/gpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info gpt2fast/_C*.so

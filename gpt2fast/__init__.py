@@ -1,0 +1,9 @@
+"""gpt2fast: custom Triton and CUDA kernels for GPT-2, in a minimal runtime checked against PyTorch."""
+
+from gpt2fast.config import GPT2Config
+from gpt2fast.model import GPT2, KVCache
+from gpt2fast.ops import available_backends, get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["GPT2", "GPT2Config", "KVCache", "available_backends", "get_backend", "set_backend", "__version__"]
