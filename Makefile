@@ -20,7 +20,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 test: venv lint
-	$(BIN)/python -m pytest -q -n 0 tests
+	$(BIN)/python -m pytest -q tests
 	$(BIN)/python benchmarks/compile_check.py
 	bash benchmarks/gpu_check.sh --dry-run
 
