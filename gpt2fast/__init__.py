@@ -6,4 +6,4 @@ from gpt2fast.ops import available_backends, get_backend, set_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["GPT2", "GPT2Config", "KVCache", "available_backends", "get_backend", "set_backend", "__version__"]
+__all__ = ["GPT2", "GPT2Config", "KVCache", "__version__", "available_backends", "get_backend", "set_backend"]

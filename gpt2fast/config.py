@@ -63,7 +63,7 @@ class GPT2Config:
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"activation_function {act!r} is not supported; GPT-2 uses 'gelu_new'")
         fields = cls.__dataclass_fields__
-        kwargs = {k: d[k] for k in fields if k in d and d[k] is not None or k == "n_inner" and k in d}
+        kwargs = {k: d[k] for k in fields if k in d and (d[k] is not None or k == "n_inner")}
         return cls(**kwargs)
 
     @classmethod

@@ -42,7 +42,7 @@ def _load(name: str):
     try:
         return importlib.import_module(_MODULES[name])
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + ('auto',)}") from None
+        raise ValueError(f"unknown backend {name!r}; choose one of {(*BACKENDS, 'auto')}") from None
 
 
 def backend_status(name: str, device: torch.device | str | None = None) -> BackendStatus:
