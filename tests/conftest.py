@@ -8,6 +8,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles: "ci" (the default; >= 50 examples where a test asks for the profile's count) and
+# "extended" (>= 500).  Pick one with HYPOTHESIS_PROFILE=extended.  A failure prints a reproducer blob.
+_common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=50, **_common)
+settings.register_profile("extended", max_examples=500, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 
