@@ -1,0 +1,110 @@
+"""Helpers shared by the Triton kernels: interpreter detection, launch-config policy, the
+upcasting switch, ``tanh`` built from ``tl.exp``, and the compile-case record used by
+``benchmarks/compile_check.py``.
+
+Nothing here launches a kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+#: Triton type strings of the torch dtypes the kernels accept.
+TL_DTYPE: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton decides this when a kernel is decorated, so it must be set before this
+    package is imported; we read the same knob Triton reads.
+    """
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """Autotuning is on unless ``GPT2FAST_AUTOTUNE=0`` or under the interpreter (fixed configs there)."""
+    return not interpreting() and os.environ.get("GPT2FAST_AUTOTUNE", "1") != "0"
+
+
+def upcast_for_interpreter(dtype: torch.dtype) -> bool:
+    """Whether a kernel must convert loaded values to fp32 before any arithmetic or ``tl.dot``.
+
+    Triton's interpreter computes garbage for bf16 arithmetic and bf16 ``tl.dot``; on a GPU
+    the kernels keep bf16/fp16 ``tl.dot`` operands (fp32 accumulation either way).
+    """
+    return interpreting() and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype, upcast: bool) -> str:
+    """``tl.dot`` input precision: full fp32 ("ieee") for fp32 operands, so fp32 is not silently tf32."""
+    return "ieee" if dtype == torch.float32 or upcast else "tf32"
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (132, an H100/H200, when it is not a GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= ``n``."""
+    return triton.next_power_of_2(n)
+
+
+@triton.jit
+def tanh(x):
+    """tanh as 2·σ(2x) − 1 with σ written out with ``tl.exp`` (libdevice tanh and ``tl.sigmoid``
+    fail under the interpreter); saturates cleanly to ±1 since exp overflows to inf, never NaN."""
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One kernel specialisation that the backend can launch, for the offline compile check.
+
+    ``signature`` maps every argument name to a Triton type string (``"*fp16"``, ``"i32"``,
+    ``"fp32"``, or ``"constexpr"``); ``constexprs`` holds the constexpr values.
+    """
+
+    kernel: str  # readable name, e.g. "attention"
+    fn: object  # the @triton.jit function (not the autotuner)
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
+    label: str  # config description for the table
+    heuristic: bool = False  # the config used when autotuning is off (must fit on the device)
+
+
+def signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    """Full signature of ``fn``: ``types`` for runtime args, ``"constexpr"`` for the constexprs, in order."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        else:
+            raise KeyError(f"{fn.__name__}: no type given for argument {name!r}")
+    return sig
+
+
+def launch(kernel, tuned, grid, args: tuple, consts: dict, config: triton.Config) -> None:
+    """Launch ``kernel`` on ``grid``: through its autotuner ``tuned`` when autotuning is on,
+    else with the deterministic heuristic ``config`` (also the interpreter's fixed config)."""
+    if tuned is not None and autotune_enabled():
+        tuned[grid](*args, **consts)
+    else:
+        kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

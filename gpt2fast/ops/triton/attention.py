@@ -1,0 +1,179 @@
+"""Causal / full attention forward in the style of FlashAttention-2, as a Triton kernel.
+
+One program per (block of BLOCK_M queries, batch·head).  It streams keys/values in
+blocks of BLOCK_N with an online softmax in the exp2 domain, fp32 running max/sum and
+an fp32 output accumulator.  Under causal masking the key loop stops at the diagonal
+(blocks wholly above it are never visited) and runs in two stages: blocks wholly below
+the diagonal without any mask, then the few blocks on the diagonal (or past the end of
+the sequence) with one.  Any T works, arbitrary strides are followed (no copies), head
+dims 32/64/128 in fp16/bf16/fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2fast.ops.triton._common import (
+    TL_DTYPE,
+    CompileCase,
+    dot_precision,
+    interpreting,
+    launch,
+    next_pow2,
+    signature,
+    upcast_for_interpreter,
+)
+
+#: Head dims the kernel is compiled for.
+HEAD_DIMS = (32, 64, 128)
+
+
+_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2))
+_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _TILES]
+
+
+@triton.jit
+def _attn_blocks(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, lo, hi, T, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Fold key/value blocks [lo, hi) into the running (acc, l_i, m_i); MASKED applies T and causal masks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[None, :] < T, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < T, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=PREC) * qk_scale  # k is loaded transposed: [HEAD_DIM, BLOCK_N]
+        if MASKED:
+            keep = cols[None, :] < T
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_kernel(
+    Q, K, V, O, sm_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T, T_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # T_BUCKET (next power of two of T) is only an autotuning key.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        n_full = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N  # key blocks every query row of this block sees
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)  # nothing past the last query row's diagonal
+    else:
+        n_full = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    acc, l_i, m_i = _attn_blocks(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, 0, n_full, T, qk_scale,
+        False, CAUSAL, UPCAST, PREC, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_blocks(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n, n_full, hi, T, qk_scale,
+        True, CAUSAL, UPCAST, PREC, BLOCK_N,
+    )  # fmt: skip
+    out = acc / l_i[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+_attention_tuned = triton.autotune(configs=_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "CAUSAL"])(_attention_kernel)
+
+
+def heuristic_config(head_dim: int, dtype: torch.dtype) -> triton.Config:
+    """128x64 tiles (64x32 for fp32 at D=128), 4 warps (8 at D=128), 3 stages; 64x32 in the interpreter."""
+    if interpreting():
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        bn = 32 if head_dim == 128 else 64
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": bn}, num_warps=4, num_stages=2)
+    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8 if head_dim == 128 else 4, num_stages=3)
+
+
+def check(q: torch.Tensor) -> None:
+    """Backend-specific checks, before any launch: the head dim must be one the kernel is built for."""
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"triton attention supports head dims {HEAD_DIMS}; got q with D={d}")
+
+
+@torch.library.custom_op("gpt2fast_triton::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale [causal])·v for [B, H, T, D] tensors of any strides; contiguous output."""
+    B, H, T, D = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    upcast = upcast_for_interpreter(q.dtype)
+    args = (q, k, v, o, scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T, next_pow2(T))
+    consts = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast, PREC=dot_precision(q.dtype, upcast))
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    launch(_attention_kernel, _attention_tuned, grid, args, consts, heuristic_config(D, q.dtype))
+    return o
+
+
+@attention_op.register_fake
+def _(q, k, v, causal, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def compile_cases(full: bool = False) -> list[CompileCase]:
+    """The heuristic config for every dtype x head dim x causal; all autotune configs for fp16/bf16
+    at D=64 causal (GPT-2's shape) — every combination if ``full``."""
+    cases = []
+    for dtype, tname in TL_DTYPE.items():
+        for d in HEAD_DIMS:
+            for causal in (True, False):
+                ptr = "*" + tname
+                consts = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=False, PREC=dot_precision(dtype, False))
+                heur = heuristic_config(d, dtype)
+                every = full or (dtype != torch.float32 and d == 64 and causal)
+                for cfg in _CONFIGS if every else [heur]:
+                    types = dict(Q=ptr, K=ptr, V=ptr, O=ptr, sm_scale="fp32")
+                    types.update({n: "i32" for n in _attention_kernel.arg_names if n.startswith(("stride", "T", "H"))})
+                    c = {**consts, **cfg.kwargs}
+                    sig = signature(_attention_kernel, types, c)
+                    is_heur = cfg.kwargs == heur.kwargs and (cfg.num_warps, cfg.num_stages) == (
+                        heur.num_warps,
+                        heur.num_stages,
+                    )
+                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                    label = f"{tname} D={d} causal={int(causal)} {bm}x{bn} w={cfg.num_warps} s={cfg.num_stages}"
+                    w, s = cfg.num_warps, cfg.num_stages
+                    cases.append(CompileCase("attention", _attention_kernel, sig, c, w, s, label, is_heur))
+    return cases

@@ -1,0 +1,67 @@
+"""Fused bias add + GELU (tanh approximation, GPT-2's "gelu_new") as a Triton kernel.
+
+A 2-D grid: one program per (row, block of columns), so the bias is read by column index
+without a modulo.  The math is in fp32; the result is stored in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, signature, tanh
+
+_CONFIGS = [triton.Config({"BLOCK_N": b}, num_warps=w, num_stages=1) for b in (512, 1024, 2048) for w in (4, 8)]
+
+
+@triton.jit
+def _bias_gelu_kernel(X, Bias, Y, N, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * N
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    u = tl.load(X + row + cols, mask=mask, other=0.0).to(tl.float32)
+    u += tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
+    y = 0.5 * u * (1.0 + tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
+    tl.store(Y + row + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+_bias_gelu_tuned = triton.autotune(configs=_CONFIGS, key=["N"])(_bias_gelu_kernel)
+
+
+def heuristic_config(n: int) -> triton.Config:
+    """1024 columns and 4 warps per program (a whole row at once under the interpreter)."""
+    if interpreting():
+        return triton.Config({"BLOCK_N": min(next_pow2(n), 8192)}, num_warps=1, num_stages=1)
+    return triton.Config({"BLOCK_N": min(next_pow2(n), 1024)}, num_warps=4, num_stages=1)
+
+
+@torch.library.custom_op("gpt2fast_triton::bias_gelu", mutates_args=())
+def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x + bias) over the last dim (contiguous output)."""
+    n = x.shape[-1]
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (x.numel() // n, triton.cdiv(n, meta["BLOCK_N"]))
+    launch(_bias_gelu_kernel, _bias_gelu_tuned, grid, (x, bias.contiguous(), y, n), {}, heuristic_config(n))
+    return y
+
+
+@bias_gelu_op.register_fake
+def _(x, bias):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def compile_cases(full: bool = False) -> list[CompileCase]:
+    """Every config (block x warps) for each dtype: the kernel does not specialise on N."""
+    cases = []
+    heur = heuristic_config(4 * 768)
+    for tname in TL_DTYPE.values():
+        ptr = "*" + tname
+        for cfg in _CONFIGS:
+            consts = dict(cfg.kwargs)
+            sig = signature(_bias_gelu_kernel, dict(X=ptr, Bias=ptr, Y=ptr, N="i32"), consts)
+            is_heur = cfg.kwargs == heur.kwargs and cfg.num_warps == heur.num_warps
+            label = f"{tname} BLOCK_N={cfg.kwargs['BLOCK_N']} warps={cfg.num_warps}"
+            cases.append(CompileCase("bias_gelu", _bias_gelu_kernel, sig, consts, cfg.num_warps, 1, label, is_heur))
+    return cases

@@ -1,0 +1,243 @@
+"""Single-token attention against a KV cache by flash-decoding, as two Triton kernels.
+
+The cache length is cut into ``num_splits`` slices of ``split_len`` positions.  The split
+kernel runs one program per (slice, batch·head): it reads that sequence's length from
+``cache_seqlens`` in device memory (no host sync, so one compiled launch serves every
+step and CUDA graphs can capture it), folds its slice into an fp32 online softmax and
+writes a normalised partial output plus its log-sum-exp (log2 domain).  The combine
+kernel merges the slices.  With a single slice the split kernel writes the output itself.
+
+The number of slices depends only on B·H, T_max and the GPU's SM count (never on the
+lengths), and the partial buffers are sized from those, so nothing depends on data.
+
+Appending ``k_new``/``v_new``: every program that covers position ``seqlens[b]`` takes
+k_new/v_new from the arguments instead of the cache, so no program ever reads that slot,
+and exactly one program (the slice that owns the position) writes it into the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, num_sms, signature
+
+#: Head dims the kernels are compiled for (the same as prefill attention).
+HEAD_DIMS = (32, 64, 128)
+#: Slices are a multiple of this many positions (the largest BLOCK_N) on a GPU.
+SPLIT_GRANULE = 128
+#: At most this many slices per sequence.
+MAX_SPLITS = 64
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+    for n, w, s in [(32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (64, 2, 3)]
+]
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, Kc, Vc, Knew, Vnew, Seqlens, O, Opart, Lse, sm_scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_nb, stride_nh,
+    H, T_max, SPLIT_LEN, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, HAS_NEW: tl.constexpr, DIRECT: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    seqlen = tl.load(Seqlens + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = Kc + b * stride_kb + h * stride_kh
+    v_base = Vc + b * stride_vb + h * stride_vh
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * (sm_scale * 1.4426950408889634)
+    if HAS_NEW:
+        n_ctx = tl.minimum(seqlen + 1, T_max)
+        k_new = tl.load(Knew + b * stride_nb + h * stride_nh + offs_d)
+        v_new = tl.load(Vnew + b * stride_nb + h * stride_nh + offs_d)
+        # The slice owning position seqlen writes it (vector-shaped mask: the interpreter rejects scalar ones).
+        seq_d = tl.zeros([HEAD_DIM], dtype=tl.int32) + seqlen
+        owner = (seq_d // SPLIT_LEN == split) & (seq_d < T_max)
+        tl.store(k_base + seqlen * stride_kt + offs_d * stride_kd, k_new, mask=owner)
+        tl.store(v_base + seqlen * stride_vt + offs_d * stride_vd, v_new, mask=owner)
+    else:
+        n_ctx = tl.minimum(seqlen, T_max)
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, n_ctx)
+    m_i = tl.full([], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        valid = pos < end
+        from_cache = valid
+        if HAS_NEW:
+            from_cache = valid & (pos != seqlen)  # the slot being appended is never read from the cache
+        k_ptrs = k_base + pos[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + pos[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        k = tl.load(k_ptrs, mask=from_cache[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=from_cache[:, None], other=0.0).to(tl.float32)
+        if HAS_NEW:
+            is_new = (pos == seqlen)[:, None]
+            k = tl.where(is_new, k_new.to(tl.float32)[None, :], k)
+            v = tl.where(is_new, v_new.to(tl.float32)[None, :], v)
+        s = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    # l_i >= 1 whenever the slice is non-empty (the max term contributes exp2(0)); an empty one gives 0.
+    out = acc / tl.maximum(l_i, 1.0)
+    if DIRECT:
+        tl.store(O + pid_bh * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
+    else:
+        row = pid_bh * NUM_SPLITS + split
+        tl.store(Opart + row * HEAD_DIM + offs_d, out)
+        tl.store(Lse + row, m_i + tl.math.log2(tl.maximum(l_i, 1.0)))  # -inf for an empty slice
+
+
+@triton.jit
+def _decode_combine_kernel(Opart, Lse, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    offs_s = tl.arange(0, SPLITS_POW2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = offs_s < NUM_SPLITS
+    rows = pid_bh * NUM_SPLITS + offs_s
+    lse = tl.load(Lse + rows, mask=in_range, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty slices
+    o = tl.load(Opart + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)  # an empty sequence gives zeros
+    tl.store(O + pid_bh * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
+
+
+_decode_split_tuned = triton.autotune(configs=_CONFIGS, key=["SPLIT_LEN", "HEAD_DIM", "HAS_NEW", "DIRECT"])(
+    _decode_split_kernel
+)
+
+
+def heuristic_config(head_dim: int) -> triton.Config:
+    """64 positions per step, 4 warps; 16 positions under the interpreter (small test caches)."""
+    if interpreting():
+        return triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)
+    return triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)
+
+
+def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
+    """``(num_splits, split_len)`` from B·H and T_max only: about two programs per SM, slices of
+    at least one granule (128 positions; 16 under the interpreter), at most :data:`MAX_SPLITS`."""
+    granule = 16 if interpreting() else SPLIT_GRANULE
+    want = min(triton.cdiv(2 * num_sms(device), bh), triton.cdiv(t_max, granule), MAX_SPLITS)
+    split_len = triton.cdiv(triton.cdiv(t_max, max(want, 1)), granule) * granule
+    return triton.cdiv(t_max, split_len), split_len
+
+
+def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Backend-specific checks before launch: a supported head dim, and caches whose elements do not
+    overlap in memory (they are written in place, so an ``expand``-ed view would be corrupted)."""
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"triton decode_attention supports head dims {HEAD_DIMS}; got q with D={d}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        span = 1
+        for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda p: p[1]):
+            if stride < span:
+                raise ValueError(
+                    f"{name} has overlapping strides {tuple(t.stride())} for shape {tuple(t.shape)}; "
+                    "the cache is written in place, pass a tensor that owns distinct memory per element"
+                )
+            span = stride * size
+
+
+def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Launch the split (and combine) kernels; ``num_splits`` overrides :func:`split_plan` (tests)."""
+    B, H, D = q.shape
+    t_max = k_cache.shape[2]
+    splits, split_len = split_plan(B * H, t_max, q.device)
+    if num_splits is not None:
+        splits, split_len = num_splits, triton.cdiv(t_max, num_splits)
+    q = q.contiguous()
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    has_new = k_new is not None
+    k_new = k_new.contiguous() if has_new else q
+    v_new = v_new.contiguous() if has_new else q
+    direct = splits == 1
+    if direct:
+        opart = lse = out  # unused
+    else:
+        opart = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
+    args = (
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, opart, lse, scale,
+        q.stride(0), q.stride(1), *k_cache.stride(), *v_cache.stride(), k_new.stride(0), k_new.stride(1),
+        H, t_max, split_len, splits,
+    )  # fmt: skip
+    consts = dict(HEAD_DIM=D, HAS_NEW=has_new, DIRECT=direct)
+    launch(_decode_split_kernel, _decode_split_tuned, (splits, B * H), args, consts, heuristic_config(D))
+    if not direct:
+        cfg = triton.Config({}, num_warps=1 if interpreting() else 4, num_stages=1)
+        consts = dict(HEAD_DIM=D, SPLITS_POW2=next_pow2(splits))
+        launch(_decode_combine_kernel, None, (B * H,), (opart, lse, out, splits), consts, cfg)
+    return out
+
+
+@torch.library.custom_op("gpt2fast_triton::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Flash-decoding with in-launch append; see the module docstring."""
+    return run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def compile_cases(full: bool = False) -> list[CompileCase]:
+    """Split kernel: heuristic config per dtype x head dim x append x direct; all autotune configs
+    for fp16 D=64 with append (every combination if ``full``).  Combine kernel: each dtype x head dim
+    at 8 and 64 slices."""
+    cases = []
+    for dtype, tname in TL_DTYPE.items():
+        ptr = "*" + tname
+        for d in HEAD_DIMS:
+            for has_new in (True, False):
+                for direct in (False, True):
+                    heur = heuristic_config(d)
+                    every = full or (dtype == torch.float16 and d == 64 and has_new and not direct)
+                    for cfg in _CONFIGS if every else [heur]:
+                        consts = dict(HEAD_DIM=d, HAS_NEW=has_new, DIRECT=direct, **cfg.kwargs)
+                        types = dict(Q=ptr, Kc=ptr, Vc=ptr, Knew=ptr, Vnew=ptr, Seqlens="*i32", O=ptr)
+                        types.update(Opart="*fp32", Lse="*fp32", sm_scale="fp32")
+                        names = _decode_split_kernel.arg_names
+                        types.update({n: "i32" for n in names if n.startswith("stride") or n in ("H", "T_max")})
+                        types.update(SPLIT_LEN="i32", NUM_SPLITS="i32")
+                        sig = signature(_decode_split_kernel, types, consts)
+                        bn, w, s = cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+                        is_heur = (bn, w, s) == (heur.kwargs["BLOCK_N"], heur.num_warps, heur.num_stages)
+                        label = f"{tname} D={d} new={int(has_new)} direct={int(direct)} BLOCK_N={bn} w={w} s={s}"
+                        case = CompileCase("decode_split", _decode_split_kernel, sig, consts, w, s, label, is_heur)
+                        cases.append(case)
+            for splits in (8, 64):
+                consts = dict(HEAD_DIM=d, SPLITS_POW2=splits)
+                types = dict(Opart="*fp32", Lse="*fp32", O=ptr, NUM_SPLITS="i32")
+                sig = signature(_decode_combine_kernel, types, consts)
+                label = f"{tname} D={d} splits<={splits} w=4"
+                cases.append(CompileCase("decode_combine", _decode_combine_kernel, sig, consts, 4, 1, label, True))
+    return cases

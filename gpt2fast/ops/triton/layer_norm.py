@@ -1,0 +1,118 @@
+"""LayerNorm (optionally fused with the residual add) as one Triton program per row.
+
+Each program reads its row once, keeps it in registers, computes mean and variance in
+fp32 (two reductions over the registers, not a second read of memory) and writes
+``LN(h)``; with a residual it first forms ``h = x + residual``, stores it, and normalises
+the stored (rounded) ``h`` so the residual stream and the normalised value agree.
+Any N up to :data:`MAX_N` works; N need not be a power of two (the row is masked).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, signature
+
+#: Longest row one program holds in registers (fp32): beyond this it would spill.
+MAX_N = 16384
+
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8, 16)]
+
+
+@triton.jit
+def _layer_norm_kernel(X, R, W, B, Y, H, N, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * N
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + row + cols, h, mask=mask)
+        x = h.to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    diff = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row + cols, (diff * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
+
+
+_layer_norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "HAS_RESIDUAL"])(_layer_norm_kernel)
+
+
+def heuristic_config(n: int) -> triton.Config:
+    """Warps grow with the row so each thread holds ~8 fp32 values."""
+    block = next_pow2(n)
+    return triton.Config({}, num_warps=1 if interpreting() else min(max(block // 256, 1), 16), num_stages=1)
+
+
+def _launch(x: torch.Tensor, residual, weight, bias, eps: float, y: torch.Tensor, h) -> None:
+    n = x.shape[-1]
+    x = x.contiguous()
+    args = (
+        x,
+        x if residual is None else residual.contiguous(),
+        weight.contiguous(),
+        bias.contiguous(),
+        y,
+        y if h is None else h,
+        n,
+        eps,
+    )
+    consts = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=next_pow2(n))
+    launch(_layer_norm_kernel, _layer_norm_tuned, (x.numel() // n,), args, consts, heuristic_config(n))
+
+
+@torch.library.custom_op("gpt2fast_triton::layer_norm", mutates_args=())
+def layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LN(x) over the last dim (contiguous output)."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, None, weight, bias, eps, y, None)
+    return y
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("gpt2fast_triton::add_layer_norm", mutates_args=())
+def add_layer_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(LN(x + residual), x + residual)`` in one kernel."""
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(y)
+    _launch(x, residual, weight, bias, eps, y, h)
+    return y, h
+
+
+@add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, torch.empty_like(y)
+
+
+def compile_cases(full: bool = False) -> list[CompileCase]:
+    """Specialisations this kernel launches with: the heuristic config for every dtype, GPT-2 width
+    (768/1024/1280/1600) and residual flag; every autotune config too for fp16 N=1600 (all of them if ``full``)."""
+    cases = []
+    for dtype, tname in TL_DTYPE.items():
+        for n in (768, 1024, 1280, 1600):
+            for has_res in (False, True):
+                ptr = "*" + tname
+                consts = dict(HAS_RESIDUAL=has_res, BLOCK_N=next_pow2(n))
+                types = dict(X=ptr, R=ptr, W=ptr, B=ptr, Y=ptr, H=ptr, N="i32", eps="fp32")
+                sig = signature(_layer_norm_kernel, types, consts)
+                heur = heuristic_config(n)
+                every = full or (dtype == torch.float16 and n == 1600 and has_res)
+                for cfg in _CONFIGS if every else [heur]:
+                    label = f"{tname} N={n} res={int(has_res)} warps={cfg.num_warps}"
+                    is_heur = cfg.num_warps == heur.num_warps
+                    cases.append(
+                        CompileCase("layer_norm", _layer_norm_kernel, sig, consts, cfg.num_warps, 1, label, is_heur)
+                    )
+    return cases
