@@ -1,0 +1,256 @@
+"""CUDA-graph decode: one captured graph replays a whole decode step (all layers, LM head, sampling).
+
+:func:`make_graph_step` is the CUDA side of the seam in :func:`gpt2fast.generation.make_step`: it takes
+the eager step ``step(tokens[B]) -> next_tokens[B]`` (``model.decode_step`` + ``DecodeState.select``)
+and returns a step with the same contract that replays a CUDA graph of it instead.
+
+How it works
+------------
+* Prefill runs eagerly, outside the graph.  The graph is captured lazily, at the first decode step.
+* The step reads only device tensors: the token input buffer, the model's static KV cache and its int32
+  ``seqlens`` (so positions and attention lengths advance on the device), and the decode state's
+  tensors (token history, finished flags, step counter, pad/EOS ids).  Nothing syncs with the host per
+  token: a call is a copy into the input buffer, one ``graph.replay()`` and a copy out of the output.
+* Warm-up (Triton JIT, cuBLAS workspaces) runs on a side stream before capture; everything it mutates
+  (cache lengths, history, flags, RNG state) is restored afterwards, so the warm-up leaves no trace.
+* Sampling: the default CUDA generator is handled by ``torch.cuda.graph``; a user ``torch.Generator``
+  is registered with the graph (``CUDAGraph.register_generator_state``), so each replay advances it
+  exactly as the eager step would and seeded sampling gives the eager path's tokens.  On a torch
+  without that API a user generator falls back to the eager step (with a warning).
+
+Graph cache
+-----------
+Captured graphs are kept on the model (``model._gpt2fast_graphs``, at most :data:`MAX_GRAPHS`, least
+recently used evicted) keyed by batch size, dtype, cache ``max_len``, the cache and weight storage, the
+backend, the sampling config, the generator and the decode-state layout.  A later generate call with
+the same key reuses the graph: its decode state's tensors are copied into the graph's buffers and the
+state is re-pointed at them (``state.history``, ``state.done``, ... become the graph's tensors), which
+is why callers must read the state through its attributes, never through saved references.  Replacing
+the weights' tensors (``model.to(...)``) or the cache gives a new key, so a stale graph is never
+replayed; in-place weight updates (``load_state_dict``) are seen by the graph.
+
+If capture fails (an op in the step that cannot be captured), a warning is issued and that key runs the
+eager step from then on.  Everything here needs CUDA: on other devices :func:`make_graph_step` raises.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+from gpt2fast import ops
+
+#: Graphs kept per model (each holds a private memory pool for the step's intermediates).
+MAX_GRAPHS = 8
+#: Eager runs of the step on a side stream before capture.
+WARMUP_STEPS = 2
+
+_CACHE_ATTR = "_gpt2fast_graphs"
+_FAILED = "capture-failed"  # cache value for a key whose capture failed
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ---- the decode state's device tensors --------------------------------------------------------------------
+
+
+def state_tensors(state: object) -> dict[str, torch.Tensor]:
+    """Every tensor the decode state holds, by dotted attribute path (one level of nesting, e.g.
+    ``history.tokens``).  These are what a captured step reads and writes besides the model."""
+    found: dict[str, torch.Tensor] = {}
+    for name, value in vars(state).items():
+        if isinstance(value, torch.Tensor):
+            found[name] = value
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.Generator, type)):
+            for sub, t in vars(value).items():
+                if isinstance(t, torch.Tensor):
+                    found[f"{name}.{sub}"] = t
+    return found
+
+
+def _layout(state: object) -> tuple:
+    """The shapes/dtypes of the state's tensors and its non-tensor settings, as a hashable key part."""
+    tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in sorted(state_tensors(state).items()))
+    cfg = getattr(state, "cfg", None)
+    gen = getattr(state, "generator", None)
+    return tensors, cfg if isinstance(cfg, Hashable) else id(cfg), None if gen is None else id(gen)
+
+
+def adopt_state(state: object, owner: object) -> None:
+    """Make ``state`` use ``owner``'s tensors: copy ``state``'s values into them, then re-point ``state``.
+
+    Nested holders (``state.history``) are re-pointed as a whole.  ``state`` and ``owner`` must have the
+    same layout (see :func:`_layout`).
+    """
+    for name, dst in state_tensors(owner).items():
+        dst.copy_(_get(state, name))
+    for name, value in vars(owner).items():
+        if isinstance(value, torch.Tensor) or any(k.startswith(f"{name}.") for k in state_tensors(owner)):
+            setattr(state, name, value)
+
+
+def _get(obj: object, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _Snapshot:
+    """Values of the model cache's lengths, the state's tensors and the RNG, to undo a warm-up."""
+
+    def __init__(self, model, state: object) -> None:
+        self.targets = [model.cache.seqlens, *state_tensors(state).values()]
+        self.values = [t.clone() for t in self.targets]
+        self.generator = getattr(state, "generator", None)
+        self.device = model.cache.seqlens.device
+        self.rng = self.generator.get_state() if self.generator is not None else torch.cuda.get_rng_state(self.device)
+
+    def restore(self) -> None:
+        for t, v in zip(self.targets, self.values):
+            t.copy_(v)
+        if self.generator is not None:
+            self.generator.set_state(self.rng)
+        else:
+            torch.cuda.set_rng_state(self.rng, self.device)
+
+
+# ---- one captured step ------------------------------------------------------------------------------------
+
+
+class GraphStep:
+    """A decode step captured in a CUDA graph (lazily, at the first call), with static input/output buffers.
+
+    Calling it runs one step: a copy into the input buffer, ``graph.replay()``, a copy of the output.
+    If capture fails it calls ``on_failure(exc)`` and runs ``eager_step`` for that call.
+    """
+
+    def __init__(self, model, state: object, eager_step: Step, on_failure: Callable[[Exception], None]) -> None:
+        self.model, self.state, self.eager_step, self.on_failure = model, state, eager_step, on_failure
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_in: torch.Tensor | None = None
+        self.static_out: torch.Tensor | None = None
+        self.replays = 0
+        self.failed = False
+
+    def capture(self, tokens: torch.Tensor) -> None:
+        """Warm up on a side stream, undo the warm-up, then capture one step reading ``static_in``."""
+        device = tokens.device
+        self.static_in = tokens.clone()
+        generator = getattr(self.state, "generator", None)
+        snapshot = _Snapshot(self.model, self.state)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.no_grad(), torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self.eager_step(self.static_in)
+                    snapshot.restore()
+        finally:
+            torch.cuda.current_stream(device).wait_stream(side)
+            snapshot.restore()
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            with torch.cuda.device(device):
+                graph.register_generator_state(generator)
+        with torch.no_grad(), torch.cuda.graph(graph):
+            self.static_out = self.eager_step(self.static_in)
+        self.graph = graph
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run one decode step; returns a fresh ``[B]`` tensor of next tokens."""
+        if self.failed:
+            return self.eager_step(tokens)
+        if self.graph is None:
+            try:
+                self.capture(tokens)
+            except Exception as exc:  # a step that cannot be captured still decodes, eagerly
+                self.failed = True
+                self.on_failure(exc)
+                return self.eager_step(tokens)
+        self.static_in.copy_(tokens)
+        self.graph.replay()
+        self.replays += 1
+        return self.static_out.clone()  # the buffer is overwritten by the next replay
+
+
+# ---- the factory (the seam generation.make_step calls) ----------------------------------------------------
+
+
+def graph_key(model, state: object) -> tuple:
+    """What a captured step depends on: shapes, dtype, storage of the cache and weights, backend,
+    sampling config, generator and decode-state layout."""
+    cache = model.cache
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    cache_ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.seqlens.data_ptr())
+    backend = (getattr(model, "backend", None), ops.get_backend())
+    return (cache.batch_size, cache.max_len, cache.k.dtype, cache.k.device, cache_ptrs, weights, backend,
+            _layout(state))  # fmt: skip
+
+
+def graph_cache(model) -> OrderedDict:
+    """The model's captured decode steps, by :func:`graph_key` (least recently used first)."""
+    cache = model.__dict__.get(_CACHE_ATTR)
+    if cache is None:
+        cache = OrderedDict()
+        model.__dict__[_CACHE_ATTR] = cache
+    return cache
+
+
+def clear_graphs(model) -> None:
+    """Drop every captured decode step of ``model`` (frees their memory pools once unreferenced)."""
+    model.__dict__.pop(_CACHE_ATTR, None)
+
+
+def _check_model(model, state: object) -> None:
+    weight = getattr(getattr(model, "wte", None), "weight", None)
+    if weight is None or not hasattr(model, "decode_step"):
+        raise TypeError(f"model must be a gpt2fast.GPT2, got {type(model).__name__}")
+    if weight.device.type != "cuda":
+        raise ValueError(f"CUDA-graph decode needs a CUDA model; this one is on {weight.device} (use the eager step)")
+    if getattr(model, "cache", None) is None:
+        raise RuntimeError("call model.setup_cache(batch_size, max_len) before make_graph_step")
+    for name, t in state_tensors(state).items():
+        if t.device != weight.device:
+            raise ValueError(f"decode state tensor {name} is on {t.device} but the model is on {weight.device}")
+
+
+def make_graph_step(model, state: object, eager_step: Step) -> Step:
+    """Return ``step(tokens[B]) -> next_tokens[B]`` that replays a CUDA graph of ``eager_step``.
+
+    ``eager_step`` must be ``state.select(model.decode_step(tokens))`` (see
+    :func:`gpt2fast.generation.make_step`): it reads ``tokens`` and updates ``model.cache`` and ``state`` in
+    place.  The graph is captured at the first call, or reused from the model's graph cache (then
+    ``state`` is re-pointed at the cached graph's buffers, see the module docstring).  Raises
+    ``ValueError`` for a non-CUDA model.  Returns ``eager_step`` itself when graphs cannot be used here
+    (a user generator on a torch without ``register_generator_state``, or an earlier capture failure
+    for this key).
+    """
+    _check_model(model, state)
+    generator = getattr(state, "generator", None)
+    if generator is not None and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        warnings.warn(
+            "this torch cannot register a user torch.Generator with a CUDA graph; decoding eagerly", stacklevel=3
+        )
+        return eager_step
+    key = graph_key(model, state)
+    cache = graph_cache(model)
+    entry = cache.get(key)
+    if entry is _FAILED:
+        return eager_step
+    if entry is not None:
+        cache.move_to_end(key)
+        adopt_state(state, entry.state)  # the cached graph reads and writes its own state's tensors
+        return entry
+
+    def on_failure(exc: Exception) -> None:
+        cache[key] = _FAILED
+        warnings.warn(f"CUDA-graph capture of the decode step failed ({exc!r}); decoding eagerly", stacklevel=3)
+
+    entry = GraphStep(model, state, eager_step, on_failure)
+    cache[key] = entry
+    while len(cache) > MAX_GRAPHS:
+        cache.popitem(last=False)
+    return entry
