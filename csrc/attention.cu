@@ -1,0 +1,389 @@
+// Prefill attention over [B, H, T, D] (D = 32, 64, 128), causal or full.
+//
+// fp16/bf16: FlashAttention-2 style.  A block of 4 warps owns BM = 64 query rows (16 per warp);
+// it walks key tiles of BN keys, computing S = Q·Kᵀ and O += P·V with mma.sync.m16n8k16
+// (fp32 accumulation) and an online softmax kept in registers.  P never leaves registers: the
+// S accumulator layout of two adjacent n8 tiles is exactly the A-operand layout of one k16 step.
+// V is stored transposed in shared memory so both B operands are contiguous 32-bit loads.
+// Causal: key tiles entirely above the diagonal are skipped; masking runs only on the tiles that
+// cross the diagonal or the end of the sequence.  Query blocks run heaviest-first.
+//
+// fp32: a CUDA-core path (no fp32 tensor-core mma): a warp per 2 query rows, 32-key tiles in
+// shared memory, lane j scores key j.
+#include <math_constants.h>
+
+#include "common.cuh"
+
+namespace g2f {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T>
+struct AttnParams {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* out;  // contiguous [B, H, T, D]
+  int64_t q_sb, q_sh, q_st;
+  int64_t k_sb, k_sh, k_st;
+  int64_t v_sb, v_sh, v_st;
+  int heads, seqlen;
+  bool causal;
+  float scale_log2;
+};
+
+// ------------------------------------------------------------------ tensor-core helpers
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// d += a·b for one m16n8k16 tile (row-major A, column-major B, fp32 accumulators).
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t lds32(const T* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Copy rows [row0, row0 + R) of a [T, D] slice (row stride `st`) into smem (pitch P), zero-filling
+// rows >= seqlen.  kTranspose stores element (r, c) at smem[c * P + r] instead of smem[r * P + c].
+template <typename T, int R, int D, int P, bool kTranspose, int kThreadsN>
+__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t st, int row0, int seqlen) {
+  constexpr int W = Vec<T>::kSize;
+  constexpr int kPerRow = D / W;
+  for (int i = threadIdx.x; i < R * kPerRow; i += kThreadsN) {
+    const int r = i / kPerRow, c = (i % kPerRow) * W;
+    Vec<T> val;
+    if (row0 + r < seqlen) {
+      val = load_vec(g + static_cast<int64_t>(row0 + r) * st + c);
+    } else {
+#pragma unroll
+      for (int e = 0; e < W; ++e) val.v[e] = from_float<T>(0.f);
+    }
+    if constexpr (kTranspose) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) smem[(c + e) * P + r] = val.v[e];
+    } else {
+      store_vec(smem + r * P + c, val);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ fp16 / bf16 kernel
+constexpr int kBM = 64;
+constexpr int kWarps = 4;
+constexpr int kMmaThreads = kWarps * 32;
+
+template <int D>
+struct MmaTile {
+  static constexpr int BN = D == 128 ? 32 : 64;  // keeps smem static and under 48 KB
+  static constexpr int kPad = 8;                 // 16 bytes: keeps rows 16-byte aligned, shifts banks
+  static constexpr int QP = D + kPad;            // pitch of sQ / sK rows
+  static constexpr int VP = BN + kPad;           // pitch of sVt rows
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnParams<T> p) {
+  using Tile = MmaTile<D>;
+  constexpr int BN = Tile::BN, QP = Tile::QP, VP = Tile::VP;
+  constexpr int KD = D / 16;   // k16 steps over the head dim
+  constexpr int NS = BN / 8;   // n8 tiles of S
+  constexpr int KS = BN / 16;  // k16 steps over the keys
+  constexpr int ND = D / 8;    // n8 tiles of O
+  __shared__ alignas(16) T sQ[kBM * QP];
+  __shared__ alignas(16) T sK[BN * QP];
+  __shared__ alignas(16) T sVt[D * VP];
+
+  const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tq = lane & 3;
+  const int T_ = p.seqlen;
+  const int q_start = m_block * kBM;
+
+  const T* qg = p.q + b * p.q_sb + h * p.q_sh;
+  const T* kg = p.k + b * p.k_sb + h * p.k_sh;
+  const T* vg = p.v + b * p.v_sb + h * p.v_sh;
+
+  load_tile<T, kBM, D, QP, false, kMmaThreads>(sQ, qg, p.q_st, q_start, T_);
+  __syncthreads();
+  uint32_t qa[KD][4];
+  {
+    const T* base = sQ + (warp * 16) * QP;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+      qa[kk][0] = lds32(base + gid * QP + kk * 16 + tq * 2);
+      qa[kk][1] = lds32(base + (gid + 8) * QP + kk * 16 + tq * 2);
+      qa[kk][2] = lds32(base + gid * QP + kk * 16 + tq * 2 + 8);
+      qa[kk][3] = lds32(base + (gid + 8) * QP + kk * 16 + tq * 2 + 8);
+    }
+  }
+
+  const int row0 = q_start + warp * 16 + gid;  // this thread's rows: row0 and row0 + 8
+  float m_i[2] = {-CUDART_INF_F, -CUDART_INF_F};
+  float l_i[2] = {0.f, 0.f};
+  float acc[ND][4];
+#pragma unroll
+  for (int j = 0; j < ND; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  const int n_end = p.causal ? min(T_, q_start + kBM) : T_;
+  for (int n_start = 0; n_start < n_end; n_start += BN) {
+    __syncthreads();  // the previous tile's sK/sVt are no longer read
+    load_tile<T, BN, D, QP, false, kMmaThreads>(sK, kg, p.k_st, n_start, T_);
+    load_tile<T, BN, D, VP, true, kMmaThreads>(sVt, vg, p.v_st, n_start, T_);
+    __syncthreads();
+
+    float s[NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      const T* kb = sK + (j * 8 + gid) * QP + tq * 2;
+#pragma unroll
+      for (int kk = 0; kk < KD; ++kk) mma16816<T>(s[j], qa[kk], lds32(kb + kk * 16), lds32(kb + kk * 16 + 8));
+    }
+
+    const bool need_mask = n_start + BN > T_ || (p.causal && n_start + BN - 1 > q_start);
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[j][e] * p.scale_log2;
+        if (need_mask) {
+          const int key = n_start + j * 8 + tq * 2 + (e & 1);
+          const int row = row0 + (e >> 1) * 8;
+          if (key >= T_ || (p.causal && key > row)) x = -CUDART_INF_F;
+        }
+        s[j][e] = x;
+      }
+    }
+
+    // Online softmax, one row at a time (r = 0: accumulator slots 0,1; r = 1: slots 2,3).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -CUDART_INF_F;
+#pragma unroll
+      for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      mx = group_max<4>(mx);  // the 4 threads of a quad share the row
+      const float m_new = fmaxf(m_i[r], mx);
+      const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
+      const float corr = exp2f(m_i[r] - m_use);
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        s[j][2 * r] = exp2f(s[j][2 * r] - m_use);
+        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - m_use);
+        rs += s[j][2 * r] + s[j][2 * r + 1];
+      }
+      l_i[r] = l_i[r] * corr + rs;  // per-thread partial; the quad is summed at the end
+      m_i[r] = m_new;
+#pragma unroll
+      for (int j = 0; j < ND; ++j) {
+        acc[j][2 * r] *= corr;
+        acc[j][2 * r + 1] *= corr;
+      }
+    }
+
+    // O += P·V, P straight from the S accumulators.
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      uint32_t pa[4];
+      pa[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int j = 0; j < ND; ++j) {
+        const T* vb = sVt + (j * 8 + gid) * VP + kk * 16 + tq * 2;
+        mma16816<T>(acc[j], pa, lds32(vb), lds32(vb + 8));
+      }
+    }
+  }
+
+  T* og = p.out + ((static_cast<int64_t>(b) * p.heads + h) * T_) * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_i[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = row0 + r * 8;
+    if (row < T_) {
+#pragma unroll
+      for (int j = 0; j < ND; ++j) {
+        T* dst = og + static_cast<int64_t>(row) * D + j * 8 + tq * 2;
+        *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc[j][2 * r] * inv, acc[j][2 * r + 1] * inv);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ fp32 kernel (CUDA cores)
+constexpr int kF32Warps = 8;
+constexpr int kF32RowsPerWarp = 2;
+constexpr int kF32BQ = kF32Warps * kF32RowsPerWarp;
+constexpr int kF32BK = 32;
+
+template <int D>
+__global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const AttnParams<float> p) {
+  constexpr int DPL = D / 32;  // output dims per lane
+  constexpr int kThreadsN = kF32Warps * 32;
+  __shared__ float sQ[kF32BQ][D];
+  __shared__ float sK[kF32BK][D + 1];  // +1: lane j reads row j without bank conflicts
+  __shared__ float sV[kF32BK][D];
+
+  const int q_block = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int T_ = p.seqlen;
+  const int q_start = q_block * kF32BQ;
+  const float* qg = p.q + b * p.q_sb + h * p.q_sh;
+  const float* kg = p.k + b * p.k_sb + h * p.k_sh;
+  const float* vg = p.v + b * p.v_sb + h * p.v_sh;
+
+  for (int i = threadIdx.x; i < kF32BQ * D; i += kThreadsN) {
+    const int r = i / D, c = i % D;
+    sQ[r][c] = q_start + r < T_ ? qg[static_cast<int64_t>(q_start + r) * p.q_st + c] * p.scale_log2 : 0.f;
+  }
+
+  float m_i[kF32RowsPerWarp], l_i[kF32RowsPerWarp], acc[kF32RowsPerWarp][DPL];
+#pragma unroll
+  for (int r = 0; r < kF32RowsPerWarp; ++r) {
+    m_i[r] = -CUDART_INF_F;
+    l_i[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) acc[r][i] = 0.f;
+  }
+
+  const int n_end = p.causal ? min(T_, q_start + kF32BQ) : T_;
+  for (int n_start = 0; n_start < n_end; n_start += kF32BK) {
+    __syncthreads();  // sQ written (first tile) / previous sK, sV no longer read
+    for (int i = threadIdx.x; i < kF32BK * D; i += kThreadsN) {
+      const int r = i / D, c = i % D;
+      const bool in = n_start + r < T_;
+      sK[r][c] = in ? kg[static_cast<int64_t>(n_start + r) * p.k_st + c] : 0.f;
+      sV[r][c] = in ? vg[static_cast<int64_t>(n_start + r) * p.v_st + c] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kF32RowsPerWarp; ++r) {
+      const int lr = warp * kF32RowsPerWarp + r;
+      const int row = q_start + lr;
+      const int key = n_start + lane;
+      float s = 0.f;
+#pragma unroll 8
+      for (int d = 0; d < D; ++d) s = fmaf(sQ[lr][d], sK[lane][d], s);
+      if (key >= T_ || (p.causal && key > row)) s = -CUDART_INF_F;
+      const float m_new = fmaxf(m_i[r], warp_max(s));
+      const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
+      const float pr = exp2f(s - m_use);
+      const float corr = exp2f(m_i[r] - m_use);
+      l_i[r] = l_i[r] * corr + warp_sum(pr);
+      m_i[r] = m_new;
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) acc[r][i] *= corr;
+#pragma unroll 4
+      for (int j = 0; j < kF32BK; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, pr, j);
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) acc[r][i] = fmaf(pj, sV[j][lane + 32 * i], acc[r][i]);
+      }
+    }
+  }
+
+  float* og = p.out + ((static_cast<int64_t>(b) * p.heads + h) * T_) * D;
+#pragma unroll
+  for (int r = 0; r < kF32RowsPerWarp; ++r) {
+    const int row = q_start + warp * kF32RowsPerWarp + r;
+    const float inv = l_i[r] > 0.f ? 1.f / l_i[r] : 0.f;
+    if (row < T_) {
+#pragma unroll
+      for (int i = 0; i < DPL; ++i) og[static_cast<int64_t>(row) * D + lane + 32 * i] = acc[r][i] * inv;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ launch
+template <typename T, int D>
+void launch(const AttnParams<T>& p, int batch, cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    dim3 grid(ceil_div(p.seqlen, kF32BQ), p.heads, batch);
+    attention_f32_kernel<D><<<grid, kF32Warps * 32, 0, stream>>>(p);
+  } else {
+    dim3 grid(ceil_div(p.seqlen, kBM), p.heads, batch);
+    attention_mma_kernel<T, D><<<grid, kMmaThreads, 0, stream>>>(p);
+  }
+}
+
+}  // namespace
+
+int attention(int dtype, const void* q, const void* k, const void* v, void* out, int batch, int heads, int seqlen,
+              int head_dim, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, bool causal,
+              float scale, void* stream, int device) {
+  if (batch <= 0 || heads <= 0 || seqlen <= 0 || batch > 65535 || heads > 65535) return cudaErrorInvalidValue;
+  G2F_RETURN_IF_ERROR(prepare_launch(device));
+  auto s = static_cast<cudaStream_t>(stream);
+  G2F_DISPATCH_DTYPE(dtype, T, {
+    AttnParams<T> p;
+    p.q = static_cast<const T*>(q);
+    p.k = static_cast<const T*>(k);
+    p.v = static_cast<const T*>(v);
+    p.out = static_cast<T*>(out);
+    p.q_sb = q_strides[0];
+    p.q_sh = q_strides[1];
+    p.q_st = q_strides[2];
+    p.k_sb = k_strides[0];
+    p.k_sh = k_strides[1];
+    p.k_st = k_strides[2];
+    p.v_sb = v_strides[0];
+    p.v_sh = v_strides[1];
+    p.v_st = v_strides[2];
+    p.heads = heads;
+    p.seqlen = seqlen;
+    p.causal = causal;
+    p.scale_log2 = scale * kLog2e;
+    switch (head_dim) {
+      case 32:
+        launch<T, 32>(p, batch, s);
+        break;
+      case 64:
+        launch<T, 64>(p, batch, s);
+        break;
+      case 128:
+        launch<T, 128>(p, batch, s);
+        break;
+      default:
+        return static_cast<int>(cudaErrorInvalidValue);
+    }
+  });
+  return launch_status();
+}
+
+}  // namespace g2f

@@ -1,0 +1,144 @@
+// Helpers shared by every gpt2fast CUDA kernel: dtype conversion, 128-bit vector
+// types, warp/block reductions, dtype dispatch and error checking.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "gpt2fast_api.h"
+
+namespace g2f {
+
+// ---------------------------------------------------------------- conversion
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// ---------------------------------------------------------------- 128-bit vectors
+// Vec<T> is 16 bytes of T: 4 floats or 8 halves; loads/stores compile to one LDG/STG.128.
+template <typename T>
+struct alignas(16) Vec {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec<T> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T>*>(p);
+}
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T>& v) {
+  *reinterpret_cast<Vec<T>*>(p) = v;
+}
+
+// Host/device: is a pointer 16-byte aligned?
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// ---------------------------------------------------------------- reductions
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Reduce within aligned groups of kWidth lanes: lanes [k*kWidth, (k+1)*kWidth) reduce together.
+// kWidth must be a power of two <= 32 and every lane of the warp must call it.
+template <int kWidth>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = kWidth / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int kWidth>
+__device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+  for (int o = kWidth / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum of `v` over a 1-D block (blockDim.x a multiple of 32, <= 1024); every thread gets
+// the total.  Every thread of the block must call it (it contains __syncthreads).
+// `scratch` holds 32 floats of shared memory, reusable after the call returns.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : 0.f;
+  return warp_sum(v);
+}
+
+// ---------------------------------------------------------------- host side
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Make `device` the current device of this (statically linked) runtime, then check
+// that no earlier error is pending.  Returns a cudaError_t as int.
+inline int prepare_launch(int device) {
+  int cur = -1;
+  cudaError_t err = cudaGetDevice(&cur);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  if (cur != device) {
+    err = cudaSetDevice(device);
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  return static_cast<int>(cudaSuccess);
+}
+
+// The launch status of the kernel(s) just enqueued.
+inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+}  // namespace g2f
+
+#define G2F_RETURN_IF_ERROR(expr)      \
+  do {                                 \
+    int g2f_err_ = (expr);             \
+    if (g2f_err_ != 0) return g2f_err_; \
+  } while (0)
+
+// Run `__VA_ARGS__` with `T` bound to the C++ type of dtype code `code` (G2F_F32/F16/BF16);
+// an unknown code returns cudaErrorInvalidValue.
+#define G2F_DISPATCH_DTYPE(code, T, ...)                                   \
+  switch (code) {                                                          \
+    case G2F_F32: {                                                        \
+      using T = float;                                                     \
+      __VA_ARGS__;                                                         \
+    } break;                                                               \
+    case G2F_F16: {                                                        \
+      using T = __half;                                                    \
+      __VA_ARGS__;                                                         \
+    } break;                                                               \
+    case G2F_BF16: {                                                       \
+      using T = __nv_bfloat16;                                             \
+      __VA_ARGS__;                                                         \
+    } break;                                                               \
+    default:                                                               \
+      return static_cast<int>(cudaErrorInvalidValue);                      \
+  }

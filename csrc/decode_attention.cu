@@ -1,0 +1,247 @@
+// Flash-decoding: one query token per (batch, head) against a KV cache.
+//
+// decode_split_kernel: grid (num_splits, H, B).  Split s covers cache positions
+// [s*chunk, (s+1)*chunk) clipped to the sequence's length; a block of 128 threads walks them in
+// groups of G = D/W threads per key (W elements = 16 bytes per thread), with an online softmax
+// per group, then merges its groups in shared memory.  It writes a partial output and its
+// log2-sum-exp, or, when there is a single split, the final output directly.
+// The split owning position cache_seqlens[b] also appends k_new/v_new to the caches there and
+// uses k_new/v_new for that position directly, so the append costs no extra launch.
+//
+// decode_combine_kernel: grid (B*H), D threads: merges the splits' partials by their lse.
+//
+// cache_seqlens is read on the device only (graph capturable); a sequence with no position to
+// attend to outputs zeros.
+#include <math_constants.h>
+
+#include "common.cuh"
+
+namespace g2f {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T>
+struct DecodeParams {
+  const T* q;
+  T* k_cache;
+  T* v_cache;
+  const int32_t* seqlens;
+  const T* k_new;  // null: no append
+  const T* v_new;
+  T* out;        // final output, contiguous [B, H, D]; used when num_splits == 1
+  float* o_part;  // [B, H, S, D]; used when num_splits > 1
+  float* lse;     // [B, H, S]
+  int64_t q_sb, q_sh;
+  int64_t kc_sb, kc_sh, kc_st;
+  int64_t vc_sb, vc_sh, vc_st;
+  int64_t kn_sb, kn_sh;
+  int64_t vn_sb, vn_sh;
+  int heads, t_max, num_splits, chunk;
+  float scale_log2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams<T> p) {
+  constexpr int W = Vec<T>::kSize;  // elements per thread per key
+  constexpr int G = D / W;          // threads per key
+  constexpr int NG = kThreads / G;  // keys in flight per block
+  static_assert(D % W == 0 && G <= 32 && (G & (G - 1)) == 0, "unsupported head dim");
+
+  __shared__ float sm_m[NG];
+  __shared__ float sm_l[NG];
+  __shared__ float sm_acc[NG][D];
+
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, g = tid / G, lane_in_group = tid % G;
+  const int dim0 = lane_in_group * W;
+
+  // Sequence length, clamped so that bad values (unchecked under graph capture) cannot go out of bounds.
+  int seqlen = p.seqlens[b];
+  seqlen = seqlen < 0 ? 0 : (seqlen > p.t_max ? p.t_max : seqlen);
+  const bool append = p.k_new != nullptr && seqlen < p.t_max;
+  const int pos_new = append ? seqlen : -1;
+  const int length = seqlen + (append ? 1 : 0);
+
+  const int start = split * p.chunk;
+  const int end = min(start + p.chunk, length);
+
+  const T* kn = append ? p.k_new + b * p.kn_sb + h * p.kn_sh : nullptr;
+  const T* vn = append ? p.v_new + b * p.vn_sb + h * p.vn_sh : nullptr;
+  T* kc = p.k_cache + b * p.kc_sb + h * p.kc_sh;
+  T* vc = p.v_cache + b * p.vc_sb + h * p.vc_sh;
+
+  // The owning split writes the new key/value into the cache (nobody else touches that slot).
+  if (append && pos_new >= start && pos_new < start + p.chunk) {
+    for (int i = tid; i < D / W; i += kThreads) {
+      store_vec(kc + pos_new * p.kc_st + i * W, load_vec(kn + i * W));
+      store_vec(vc + pos_new * p.vc_st + i * W, load_vec(vn + i * W));
+    }
+  }
+
+  float q[W];
+  {
+    const Vec<T> qv = load_vec(p.q + b * p.q_sb + h * p.q_sh + dim0);
+#pragma unroll
+    for (int i = 0; i < W; ++i) q[i] = to_float(qv.v[i]) * p.scale_log2;
+  }
+
+  float m = -CUDART_INF_F, l = 0.f, acc[W];
+#pragma unroll
+  for (int i = 0; i < W; ++i) acc[i] = 0.f;
+
+  // The trip count is uniform over the block, so every lane reaches the group shuffles.
+  for (int t0 = start; t0 < end; t0 += NG) {
+    const int t = t0 + g;
+    const bool valid = t < end;
+    float k[W], v[W];
+    if (valid) {
+      const T* kp = t == pos_new ? kn : kc + t * p.kc_st;
+      const T* vp = t == pos_new ? vn : vc + t * p.vc_st;
+      const Vec<T> kv = load_vec(kp + dim0);
+      const Vec<T> vv = load_vec(vp + dim0);
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        k[i] = to_float(kv.v[i]);
+        v[i] = to_float(vv.v[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) k[i] = v[i] = 0.f;
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < W; ++i) s = fmaf(q[i], k[i], s);
+    s = group_sum<G>(s);
+    if (valid) {
+      const float m_new = fmaxf(m, s);
+      const float corr = exp2f(m - m_new);  // m = -inf on the first key: corr = 0
+      const float pr = exp2f(s - m_new);
+      l = l * corr + pr;
+#pragma unroll
+      for (int i = 0; i < W; ++i) acc[i] = fmaf(acc[i], corr, pr * v[i]);
+      m = m_new;
+    }
+  }
+
+  // Merge the NG groups of this block.
+  if (lane_in_group == 0) {
+    sm_m[g] = m;
+    sm_l[g] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < W; ++i) sm_acc[g][dim0 + i] = acc[i];
+  __syncthreads();
+
+  if (tid < D) {
+    float mx = -CUDART_INF_F;
+    for (int j = 0; j < NG; ++j) mx = fmaxf(mx, sm_m[j]);
+    float sum_l = 0.f, o = 0.f;
+    if (mx != -CUDART_INF_F) {
+      for (int j = 0; j < NG; ++j) {
+        const float w = exp2f(sm_m[j] - mx);  // an empty group has m = -inf: w = 0
+        sum_l = fmaf(sm_l[j], w, sum_l);
+        o = fmaf(sm_acc[j][tid], w, o);
+      }
+    }
+    const float result = sum_l > 0.f ? o / sum_l : 0.f;
+    const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
+    if (p.num_splits == 1) {
+      p.out[bh * D + tid] = from_float<T>(result);
+    } else {
+      p.o_part[(bh * p.num_splits + split) * D + tid] = result;
+      if (tid == 0) p.lse[bh * p.num_splits + split] = sum_l > 0.f ? mx + log2f(sum_l) : -CUDART_INF_F;
+    }
+  }
+}
+
+// grid (B*H), D threads: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); zeros when every split is empty.
+template <typename T, int D>
+__global__ void __launch_bounds__(D) decode_combine_kernel(const float* __restrict__ o_part,
+                                                           const float* __restrict__ lse, T* __restrict__ out,
+                                                           int num_splits) {
+  const int64_t bh = blockIdx.x;
+  const int d = threadIdx.x;
+  const float* l = lse + bh * num_splits;
+  float mx = -CUDART_INF_F;
+  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, l[s]);
+  float num = 0.f, den = 0.f;
+  if (mx != -CUDART_INF_F) {
+    for (int s = 0; s < num_splits; ++s) {
+      const float w = exp2f(l[s] - mx);
+      den += w;
+      num = fmaf(w, o_part[(bh * num_splits + s) * D + d], num);
+    }
+  }
+  out[bh * D + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+}
+
+template <typename T, int D>
+void launch(const DecodeParams<T>& p, int batch, cudaStream_t stream) {
+  dim3 grid(p.num_splits, p.heads, batch);
+  decode_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  if (p.num_splits > 1)
+    decode_combine_kernel<T, D>
+        <<<static_cast<unsigned>(batch) * p.heads, D, 0, stream>>>(p.o_part, p.lse, p.out, p.num_splits);
+}
+
+}  // namespace
+
+int decode_attention(int dtype, const void* q, const int64_t* q_strides, void* k_cache, void* v_cache,
+                     const int64_t* kc_strides, const int64_t* vc_strides, const int32_t* cache_seqlens,
+                     const void* k_new, const void* v_new, const int64_t* knew_strides,
+                     const int64_t* vnew_strides, void* out, float* o_part, float* lse, int batch, int heads,
+                     int t_max, int head_dim, int num_splits, float scale, void* stream, int device) {
+  if (batch <= 0 || heads <= 0 || t_max <= 0 || num_splits <= 0 || heads > 65535 || batch > 65535)
+    return cudaErrorInvalidValue;
+  if (num_splits > 1 && (o_part == nullptr || lse == nullptr)) return cudaErrorInvalidValue;
+  if ((k_new == nullptr) != (v_new == nullptr)) return cudaErrorInvalidValue;
+  G2F_RETURN_IF_ERROR(prepare_launch(device));
+  auto s = static_cast<cudaStream_t>(stream);
+  G2F_DISPATCH_DTYPE(dtype, T, {
+    DecodeParams<T> p;
+    p.q = static_cast<const T*>(q);
+    p.k_cache = static_cast<T*>(k_cache);
+    p.v_cache = static_cast<T*>(v_cache);
+    p.seqlens = cache_seqlens;
+    p.k_new = static_cast<const T*>(k_new);
+    p.v_new = static_cast<const T*>(v_new);
+    p.out = static_cast<T*>(out);
+    p.o_part = o_part;
+    p.lse = lse;
+    p.q_sb = q_strides[0];
+    p.q_sh = q_strides[1];
+    p.kc_sb = kc_strides[0];
+    p.kc_sh = kc_strides[1];
+    p.kc_st = kc_strides[2];
+    p.vc_sb = vc_strides[0];
+    p.vc_sh = vc_strides[1];
+    p.vc_st = vc_strides[2];
+    p.kn_sb = k_new ? knew_strides[0] : 0;
+    p.kn_sh = k_new ? knew_strides[1] : 0;
+    p.vn_sb = v_new ? vnew_strides[0] : 0;
+    p.vn_sh = v_new ? vnew_strides[1] : 0;
+    p.heads = heads;
+    p.t_max = t_max;
+    p.num_splits = num_splits;
+    p.chunk = ceil_div(t_max, num_splits);
+    p.scale_log2 = scale * kLog2e;
+    switch (head_dim) {
+      case 32:
+        launch<T, 32>(p, batch, s);
+        break;
+      case 64:
+        launch<T, 64>(p, batch, s);
+        break;
+      case 128:
+        launch<T, 128>(p, batch, s);
+        break;
+      default:
+        return static_cast<int>(cudaErrorInvalidValue);
+    }
+  });
+  return launch_status();
+}
+
+}  // namespace g2f

@@ -1,0 +1,172 @@
+// Fused (residual add +) LayerNorm: one warp per row for short rows, one block per row for long
+// ones.  128-bit loads when n and every pointer/stride allow it, scalar loads otherwise.
+// Statistics in fp32 with a shifted two-moment sum (shift = the row's first element), so the
+// variance does not suffer from cancellation when |mean| >> std.
+#include "common.cuh"
+
+namespace g2f {
+namespace {
+
+// Element width of one load: a full Vec<T> when vectorised, a single element otherwise.
+template <typename T, bool kVec>
+struct Chunk {
+  static constexpr int kSize = kVec ? Vec<T>::kSize : 1;
+  T v[kSize];
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (kVec) {
+      Vec<T> t = load_vec(p);
+#pragma unroll
+      for (int i = 0; i < kSize; ++i) v[i] = t.v[i];
+    } else {
+      v[0] = *p;
+    }
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (kVec) {
+      Vec<T> t;
+#pragma unroll
+      for (int i = 0; i < kSize; ++i) t.v[i] = v[i];
+      store_vec(p, t);
+    } else {
+      *p = v[0];
+    }
+  }
+};
+
+// Each row is handled by blockDim.x threads (32 = a warp, then blockDim.y rows per block; or a
+// whole 1-D block of >32 threads, then blockDim.y == 1 and gridDim.x == rows).
+template <typename T, bool kVec, bool kResidual>
+__global__ void layer_norm_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ residual,
+                                  int64_t res_stride, const T* __restrict__ weight, const T* __restrict__ bias,
+                                  T* __restrict__ y, T* __restrict__ h, int64_t rows, int n, float eps) {
+  using C = Chunk<T, kVec>;
+  __shared__ float scratch[2][32];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  // Only the warp-per-row layout can have surplus rows, and it never calls __syncthreads.
+  if (row >= rows) return;
+  const T* xr = x + row * x_stride;
+  const T* rr = kResidual ? residual + row * res_stride : nullptr;
+  const int nchunks = n / C::kSize;
+
+  float shift = to_float(xr[0]);
+  if constexpr (kResidual) shift += to_float(rr[0]);
+
+  // Pass 1: shifted sums (and h = x + residual, rounded to T, written out).
+  float s1 = 0.f, s2 = 0.f;
+  for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+    const int64_t off = static_cast<int64_t>(c) * C::kSize;
+    C a;
+    a.load(xr + off);
+    float f[C::kSize];
+#pragma unroll
+    for (int i = 0; i < C::kSize; ++i) f[i] = to_float(a.v[i]);
+    if constexpr (kResidual) {
+      C r;
+      r.load(rr + off);
+      C hs;
+#pragma unroll
+      for (int i = 0; i < C::kSize; ++i) {
+        f[i] += to_float(r.v[i]);
+        hs.v[i] = from_float<T>(f[i]);
+      }
+      hs.store(h + row * static_cast<int64_t>(n) + off);
+    }
+#pragma unroll
+    for (int i = 0; i < C::kSize; ++i) {
+      const float d = f[i] - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+  }
+  if (blockDim.x == 32) {
+    s1 = warp_sum(s1);
+    s2 = warp_sum(s2);
+  } else {
+    s1 = block_sum(s1, scratch[0]);
+    s2 = block_sum(s2, scratch[1]);
+  }
+  const float inv_n = 1.f / static_cast<float>(n);
+  const float dmean = s1 * inv_n;
+  const float var = fmaxf(s2 * inv_n - dmean * dmean, 0.f);
+  const float mean = shift + dmean;
+  const float rstd = rsqrtf(var + eps);
+
+  // Pass 2: re-read (from L1/L2) and normalise in fp32.
+  T* yr = y + row * static_cast<int64_t>(n);
+  for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+    const int64_t off = static_cast<int64_t>(c) * C::kSize;
+    C a, w, b, out;
+    a.load(xr + off);
+    w.load(weight + off);
+    b.load(bias + off);
+    float f[C::kSize];
+#pragma unroll
+    for (int i = 0; i < C::kSize; ++i) f[i] = to_float(a.v[i]);
+    if constexpr (kResidual) {
+      C r;
+      r.load(rr + off);
+#pragma unroll
+      for (int i = 0; i < C::kSize; ++i) f[i] += to_float(r.v[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < C::kSize; ++i)
+      out.v[i] = from_float<T>((f[i] - mean) * rstd * to_float(w.v[i]) + to_float(b.v[i]));
+    out.store(yr + off);
+  }
+}
+
+template <typename T, bool kVec, bool kResidual>
+void launch(const T* x, int64_t xs, const T* r, int64_t rs, const T* w, const T* b, T* y, T* h, int64_t rows, int n,
+            float eps, cudaStream_t stream) {
+  const int chunk = kVec ? Vec<T>::kSize : 1;
+  const int nchunks = n / chunk;
+  if (nchunks <= 256) {  // short rows: a warp per row, 4 rows per block
+    dim3 block(32, 4);
+    const int64_t grid = (rows + 3) / 4;
+    layer_norm_kernel<T, kVec, kResidual>
+        <<<static_cast<unsigned>(grid), block, 0, stream>>>(x, xs, r, rs, w, b, y, h, rows, n, eps);
+  } else {  // long rows: a block per row, up to 1024 threads, a multiple of 32
+    int threads = ((nchunks / 2 + 31) / 32) * 32;
+    threads = threads < 64 ? 64 : (threads > 1024 ? 1024 : threads);
+    layer_norm_kernel<T, kVec, kResidual>
+        <<<static_cast<unsigned>(rows), dim3(threads, 1), 0, stream>>>(x, xs, r, rs, w, b, y, h, rows, n, eps);
+  }
+}
+
+}  // namespace
+
+int layer_norm(int dtype, const void* x, int64_t x_stride, const void* residual, int64_t res_stride,
+               const void* weight, const void* bias, void* y, void* h, int64_t rows, int64_t n, float eps,
+               void* stream, int device) {
+  if (rows <= 0 || n <= 0 || n > (int64_t{1} << 30) || rows > 0x7fffffffLL * 4) return cudaErrorInvalidValue;
+  if ((residual == nullptr) != (h == nullptr)) return cudaErrorInvalidValue;
+  G2F_RETURN_IF_ERROR(prepare_launch(device));
+  auto s = static_cast<cudaStream_t>(stream);
+  G2F_DISPATCH_DTYPE(dtype, T, {
+    const int vec = Vec<T>::kSize;
+    const bool can_vec = n % vec == 0 && x_stride % vec == 0 && aligned16(x) && aligned16(weight) &&
+                         aligned16(bias) && aligned16(y) &&
+                         (residual == nullptr || (res_stride % vec == 0 && aligned16(residual) && aligned16(h)));
+    auto xt = static_cast<const T*>(x);
+    auto rt = static_cast<const T*>(residual);
+    auto wt = static_cast<const T*>(weight);
+    auto bt = static_cast<const T*>(bias);
+    auto yt = static_cast<T*>(y);
+    auto ht = static_cast<T*>(h);
+    const int ni = static_cast<int>(n);
+    if (residual != nullptr) {
+      if (can_vec)
+        launch<T, true, true>(xt, x_stride, rt, res_stride, wt, bt, yt, ht, rows, ni, eps, s);
+      else
+        launch<T, false, true>(xt, x_stride, rt, res_stride, wt, bt, yt, ht, rows, ni, eps, s);
+    } else {
+      if (can_vec)
+        launch<T, true, false>(xt, x_stride, rt, 0, wt, bt, yt, ht, rows, ni, eps, s);
+      else
+        launch<T, false, false>(xt, x_stride, rt, 0, wt, bt, yt, ht, rows, ni, eps, s);
+    }
+  });
+  return launch_status();
+}
+
+}  // namespace g2f

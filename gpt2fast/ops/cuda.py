@@ -1,0 +1,384 @@
+"""CUDA C++ backend: the kernels in ``csrc/`` through the pybind11 module ``gpt2fast._C``.
+
+``gpt2fast._C`` takes raw device pointers, element strides and the CUDA stream as Python ints and
+has no PyTorch headers, so it builds against any torch.  This module does everything else:
+
+* checks the backend-specific properties (strides, alignment, head dims) and then the device,
+  before any launch, raising a clear error (the generic checks already ran in ``_validate``);
+* allocates outputs (and the split-KV scratch of decode attention) with torch;
+* registers each op as a ``torch.library.custom_op`` with a fake implementation, so
+  ``torch.compile`` traces through it and CUDA graphs capture it (decode attention declares that
+  it mutates the caches).
+
+Checks run in this order: layout (works on any tensor, so it is unit-tested on CPU), then device
+(CUDA tensor, on the current device, with a CUDA runtime the extension can use), then launch.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+
+_ext_module: ModuleType | None = None
+_ext_error: str | None = None
+_runtime: tuple[int, int, str] | None = None  # (device count, error code, message) of the extension's runtime
+_sm_count: dict[int, int] = {}
+
+HEAD_DIMS = (32, 64, 128)
+MAX_SPLITS = 64
+
+
+class CudaBackendError(RuntimeError):
+    """The CUDA backend cannot run here (no extension, no device, wrong device)."""
+
+
+# --------------------------------------------------------------------------- extension / device
+def _load_ext() -> ModuleType | None:
+    global _ext_module, _ext_error
+    if _ext_module is None and _ext_error is None:
+        try:
+            from gpt2fast import _C  # type: ignore[attr-defined]
+
+            _ext_module = _C
+        except ImportError as exc:
+            _ext_error = str(exc)
+    return _ext_module
+
+
+def _ext() -> ModuleType:
+    """The compiled extension, or a CudaBackendError saying it is not built."""
+    ext = _load_ext()
+    if ext is None:
+        raise CudaBackendError(_not_built_reason())
+    return ext
+
+
+def _not_built_reason() -> str:
+    return (
+        f"the CUDA extension gpt2fast._C is not built ({_ext_error}); reinstall with nvcc on PATH "
+        "(pip install -e .) or run `python setup.py build_ext --inplace`"
+    )
+
+
+def _runtime_status() -> tuple[int, int, str]:
+    """(device count, error code, message) as the extension's own (static) CUDA runtime sees it; cached."""
+    global _runtime
+    if _runtime is None:
+        count, code, msg = _ext().device_count()
+        _runtime = (int(count), int(code), str(msg))
+    return _runtime
+
+
+def _no_device_reason() -> str | None:
+    """Why no CUDA device can be used (None when one can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device: torch.cuda.is_available() is False"
+    count, code, msg = _runtime_status()
+    if code != 0:
+        return f"no CUDA device usable by gpt2fast._C: cudaGetDeviceCount failed with error {code} ({msg})"
+    if count == 0:
+        return "no CUDA device: gpt2fast._C's CUDA runtime sees 0 devices"
+    return None
+
+
+def is_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the CUDA backend can run tensors on ``device``, and why (not)."""
+    device = torch.device(device)
+    if _load_ext() is None:
+        return False, _not_built_reason()
+    reason = _no_device_reason()
+    if reason is not None:
+        return False, reason
+    if device.type != "cuda":
+        return False, f"the cuda backend runs CUDA tensors only, not {device.type} tensors"
+    return True, "gpt2fast._C CUDA kernels"
+
+
+def _check_device(**tensors: torch.Tensor | None) -> int:
+    """Every tensor is a CUDA tensor on the current device and the runtime works; returns the device index."""
+    if _load_ext() is None:
+        raise CudaBackendError(_not_built_reason())
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cuda":
+            raise CudaBackendError(f"cuda backend: {name} is a {t.device.type} tensor; it needs CUDA tensors")
+    reason = _no_device_reason()
+    if reason is not None:
+        raise CudaBackendError(f"cuda backend: {reason}")
+    current = torch.cuda.current_device()
+    for name, t in tensors.items():
+        if t is not None and t.device.index != current:
+            raise CudaBackendError(
+                f"cuda backend: {name} is on {t.device} but the current device is cuda:{current}; "
+                f"use `with torch.cuda.device({t.device.index}):` or torch.cuda.set_device"
+            )
+    return current
+
+
+def _stream(device: int) -> int:
+    """The current torch CUDA stream of ``device`` as an int (cudaStream_t)."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _num_sms(device: int) -> int:
+    if device not in _sm_count:
+        _sm_count[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count[device]
+
+
+# --------------------------------------------------------------------------- layout checks
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _dtype_code(name: str, t: torch.Tensor) -> int:
+    if t.dtype not in _DTYPE_CODE:
+        raise TypeError(f"cuda backend: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    return _DTYPE_CODE[t.dtype]
+
+
+def _vec_elems(t: torch.Tensor) -> int:
+    """Elements in 16 bytes of ``t``'s dtype (the kernels' vector width)."""
+    return 16 // t.element_size()
+
+
+def _check_unit_last(name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"cuda backend: {name} must have unit stride in its last dim, got strides {tuple(t.stride())}")
+
+
+def _check_vec_aligned(name: str, t: torch.Tensor, dims: int) -> None:
+    """Unit last stride, 16-byte aligned data, and the first ``dims`` strides multiples of 16 bytes."""
+    _check_unit_last(name, t)
+    w = _vec_elems(t)
+    if t.data_ptr() % 16 != 0:
+        raise ValueError(f"cuda backend: {name} must be 16-byte aligned (got data_ptr % 16 = {t.data_ptr() % 16})")
+    bad = [s for s in t.stride()[:dims] if s % w != 0]
+    if bad:
+        raise ValueError(
+            f"cuda backend: {name} strides {tuple(t.stride())} must be multiples of {w} elements (16 bytes) "
+            "except the last; pass a .contiguous() tensor"
+        )
+
+
+def _rows(name: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """View ``t`` [..., N] as [rows, N] without copying; returns (view, row stride)."""
+    _check_unit_last(name, t)
+    n = t.shape[-1]
+    try:
+        t2 = t.view(-1, n)
+    except RuntimeError:
+        raise ValueError(
+            f"cuda backend: {name} (shape {tuple(t.shape)}, strides {tuple(t.stride())}) cannot be viewed as "
+            f"[rows, {n}] with one row stride; pass a .contiguous() tensor"
+        ) from None
+    return t2, (t2.stride(0) if t2.shape[0] > 1 else n)
+
+
+def _check_contiguous_1d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 1 or (t.shape[0] > 1 and t.stride(0) != 1):
+        raise ValueError(f"cuda backend: {name} must be a contiguous 1-D tensor, got strides {tuple(t.stride())}")
+
+
+def _check_head_dim(d: int) -> None:
+    if d not in HEAD_DIMS:
+        raise ValueError(f"cuda backend: head dim D = {d} is not supported; supported: {HEAD_DIMS}")
+
+
+def _check_grid(batch: int, heads: int) -> None:
+    if batch > 65535 or heads > 65535:
+        raise ValueError(f"cuda backend: B and H must be <= 65535 (grid limits), got B={batch}, H={heads}")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def choose_splits(batch_heads: int, t_max: int, num_sms: int) -> int:
+    """Number of KV splits for decode attention, from B·H and T_max only (no device data).
+
+    Aims for about two blocks per SM, with at least 64 cache positions per split, at most
+    :data:`MAX_SPLITS`; then trims splits that would cover no position.
+    """
+    want = math.ceil(2 * num_sms / max(batch_heads, 1))
+    splits = max(1, min(want, math.ceil(t_max / 64), MAX_SPLITS))
+    chunk = math.ceil(t_max / splits)
+    return math.ceil(t_max / chunk)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("gpt2fast::cuda_layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    x2, xs = _rows("x", x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dev = x.device.index
+    _ext().layer_norm(
+        _DTYPE_CODE[x.dtype], _ptr(x2), xs, 0, 0, _ptr(weight), _ptr(bias), _ptr(y), 0,
+        x2.shape[0], x2.shape[1], float(eps), _stream(dev), dev,
+    )  # fmt: skip
+    return y
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("gpt2fast::cuda_layer_norm_residual", mutates_args=())
+def _layer_norm_residual_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2, xs = _rows("x", x)
+    r2, rs = _rows("residual", residual)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dev = x.device.index
+    _ext().layer_norm(
+        _DTYPE_CODE[x.dtype], _ptr(x2), xs, _ptr(r2), rs, _ptr(weight), _ptr(bias), _ptr(y), _ptr(h),
+        x2.shape[0], x2.shape[1], float(eps), _stream(dev), dev,
+    )  # fmt: skip
+    return y, h
+
+
+@_layer_norm_residual_op.register_fake
+def _(x, weight, bias, eps, residual):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("gpt2fast::cuda_bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    x2, xs = _rows("x", x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dev = x.device.index
+    _ext().bias_gelu(
+        _DTYPE_CODE[x.dtype], _ptr(x2), xs, _ptr(bias), _ptr(y), x2.shape[0], x2.shape[1], _stream(dev), dev
+    )
+    return y
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("gpt2fast::cuda_attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    b, h, t, d = q.shape
+    out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
+    dev = q.device.index
+    _ext().attention(
+        _DTYPE_CODE[q.dtype], _ptr(q), _ptr(k), _ptr(v), _ptr(out), b, h, t, d,
+        list(q.stride()[:3]), list(k.stride()[:3]), list(v.stride()[:3]), bool(causal), float(scale),
+        _stream(dev), dev,
+    )  # fmt: skip
+    return out
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("gpt2fast::cuda_decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    b, h, d = q.shape
+    t_max = k_cache.shape[2]
+    dev = q.device.index
+    splits = choose_splits(b * h, t_max, _num_sms(dev))
+    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
+    o_part = lse = None
+    if splits > 1:  # sized by B, H, D and the split count only: graph-capture safe
+        o_part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
+    kn_strides = list(k_new.stride()[:2]) if k_new is not None else [0, 0]
+    vn_strides = list(v_new.stride()[:2]) if v_new is not None else [0, 0]
+    _ext().decode_attention(
+        _DTYPE_CODE[q.dtype], _ptr(q), list(q.stride()[:2]), _ptr(k_cache), _ptr(v_cache),
+        list(k_cache.stride()[:3]), list(v_cache.stride()[:3]), _ptr(cache_seqlens), _ptr(k_new), _ptr(v_new),
+        kn_strides, vn_strides, _ptr(out), _ptr(o_part), _ptr(lse), b, h, t_max, d, splits, float(scale),
+        _stream(dev), dev,
+    )  # fmt: skip
+    return out
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+# --------------------------------------------------------------------------- backend ops
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``."""
+    _dtype_code("x", x)
+    _rows("x", x)
+    if residual is not None:
+        _rows("residual", residual)
+    _check_contiguous_1d("weight", weight)
+    _check_contiguous_1d("bias", bias)
+    _check_device(x=x, weight=weight, bias=bias, residual=residual)
+    if residual is None:
+        return _layer_norm_op(x, weight, bias, float(eps))
+    return _layer_norm_residual_op(x, weight, bias, float(eps), residual)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x + bias), computed in fp32."""
+    _dtype_code("x", x)
+    _rows("x", x)
+    _check_contiguous_1d("bias", bias)
+    _check_device(x=x, bias=bias)
+    return _bias_gelu_op(x, bias)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Flash attention over ``[B, H, T, D]`` (D in 32/64/128); tensor cores for fp16/bf16."""
+    _dtype_code("q", q)
+    _check_head_dim(q.shape[-1])
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_vec_aligned(name, t, 3)
+    _check_grid(q.shape[0], q.shape[1])
+    if q.shape[2] >= 2**31:
+        raise ValueError(f"cuda backend: T must be < 2**31, got {q.shape[2]}")
+    _check_device(q=q, k=k, v=v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _attention_op(q, k, v, bool(causal), scale)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Split-KV decode attention; appends ``k_new``/``v_new`` in the same launch (caches mutated)."""
+    _dtype_code("q", q)
+    _check_head_dim(q.shape[-1])
+    _check_vec_aligned("q", q, 2)
+    _check_vec_aligned("k_cache", k_cache, 3)
+    _check_vec_aligned("v_cache", v_cache, 3)
+    if k_new is not None:
+        _check_vec_aligned("k_new", k_new, 2)
+        _check_vec_aligned("v_new", v_new, 2)
+    if cache_seqlens.dim() != 1 or (cache_seqlens.shape[0] > 1 and cache_seqlens.stride(0) != 1):
+        raise ValueError(f"cuda backend: cache_seqlens must be contiguous, got strides {tuple(cache_seqlens.stride())}")
+    _check_grid(q.shape[0], q.shape[1])
+    if k_cache.shape[2] >= 2**31:
+        raise ValueError(f"cuda backend: T_max must be < 2**31, got {k_cache.shape[2]}")
+    _check_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
