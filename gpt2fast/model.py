@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2fast import ops
+from gpt2fast import generation, loading, ops
 from gpt2fast.config import GPT2Config
 
 
@@ -198,6 +198,37 @@ class GPT2(nn.Module):
         y = self._run(tokens[:, None], cache.seqlens.long()[:, None], "decode")
         cache.seqlens += 1
         return F.linear(y[:, 0], self.wte.weight)
+
+    # ---- loading, saving, generation (the logic lives in loading.py / generation.py) ----
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, backend: str | None = None, quiet: bool = False) -> GPT2:
+        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors or
+        pytorch_model.bin) or weight file.  ``dtype=None`` keeps the stored dtype; ``device=None`` is CPU."""
+        return loading.load_pretrained(path, dtype, device, backend, quiet)
+
+    @classmethod
+    def from_hf(cls, hf_model, dtype=None, device=None, backend: str | None = None) -> GPT2:
+        """Copy the weights of a transformers ``GPT2LMHeadModel``."""
+        return loading.from_hf(hf_model, dtype, device, backend)
+
+    @classmethod
+    def random(cls, config, seed: int = 0, dtype=torch.float32, device="cpu", backend: str | None = None) -> GPT2:
+        """GPT-2-initialised random weights for a ``GPT2Config`` or a size name ("gpt2", ..., "gpt2-xl")."""
+        return loading.random_init(config, seed, dtype, device, backend)
+
+    def save_pretrained(self, directory) -> None:
+        """Write config.json + model.safetensors that transformers' ``GPT2LMHeadModel`` loads."""
+        loading.save_pretrained(self, directory)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """transformers-style generate: max_new_tokens=20, do_sample=False, temperature=1.0, top_k=0,
+        top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=None, pad_token_id=None,
+        generator=None, use_cuda_graph=None.  Returns ``[B, T + new]``; see :func:`gpt2fast.generation.generate`."""
+        return generation.generate(self, input_ids, attention_mask, **kwargs)
+
+    def generate_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Like :meth:`generate` but returns an iterator over each step's new tokens ``[B]``."""
+        return generation.generate_stream(self, input_ids, attention_mask, **kwargs)
 
     # ---- checks ---------------------------------------------------------------------
     def check_ids(self, input_ids: torch.Tensor) -> None:

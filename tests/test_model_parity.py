@@ -1,0 +1,164 @@
+"""GPT2 logits against transformers' GPT2LMHeadModel on tiny random configs, the KV-cache paths
+against the full forward, and the model's input checks.
+
+The helpers here (``TINY_CONFIGS``, ``hf_model``, ``pair``) are shared by the other model tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2fast import GPT2
+from gpt2fast.testing import assert_fa_close
+
+transformers = pytest.importorskip("transformers")
+
+#: Small shapes that still exercise the odd cases: 1 and 3 heads, a vocab that is not a multiple of 64,
+#: n_positions < 100, an explicit MLP width.
+TINY_CONFIGS = {
+    "h3_v101": dict(vocab_size=101, n_positions=48, n_embd=48, n_layer=2, n_head=3),
+    "h1_v64": dict(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=1),
+    "h4_v257_inner": dict(vocab_size=257, n_positions=96, n_embd=64, n_layer=3, n_head=4, n_inner=80),
+}
+
+
+def hf_model(name: str = "h3_v101", seed: int = 0, **overrides):
+    """A transformers GPT2LMHeadModel (eager attention, fp32) whose every parameter is random,
+    including biases and LayerNorm weights, so a mis-mapped tensor cannot go unnoticed."""
+    kw = dict(TINY_CONFIGS[name], bos_token_id=0, eos_token_id=0, **overrides)
+    cfg = transformers.GPT2Config(**kw, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.generation_config.eos_token_id = None  # tests pass EOS explicitly
+    return model
+
+
+def pair(name: str = "h3_v101", seed: int = 0, dtype: torch.dtype | None = None):
+    """``(transformers model, gpt2fast copy)`` on CPU with the reference backend."""
+    hf = hf_model(name, seed)
+    return hf, GPT2.from_hf(hf, dtype=dtype, backend="reference")
+
+
+def random_ids(vocab: int, shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
+    """Reproducible random token ids."""
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 7), (3, 17)])
+def test_fp32_logits_match_transformers(name, B, T):
+    hf, model = pair(name)
+    ids = random_ids(model.config.vocab_size, (B, T))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_full_context_logits_match_transformers():
+    hf, model = pair("h1_v64")
+    ids = random_ids(64, (2, model.config.n_positions))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["h3_v101", "h4_v257_inner"])
+def test_low_precision_logits_fa_rule(name, dtype):
+    hf, model = pair(name, dtype=dtype)
+    ids = random_ids(model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        ref32 = hf(ids).logits
+        base = hf.to(dtype)(ids).logits
+        out = model(ids)
+    assert out.dtype == dtype
+    assert_fa_close(out, ref32, base, msg=f"{name} logits")
+
+
+def test_decode_steps_equal_full_forward():
+    _, model = pair("h4_v257_inner")
+    ids = random_ids(257, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+    model.setup_cache(2, 12)
+    logits = [model.prefill(ids[:, :5])]
+    logits += [model.decode_step(ids[:, t]) for t in range(5, 12)]
+    assert model.cache.seqlens.tolist() == [12, 12]
+    stepped = torch.stack(logits, dim=1)
+    assert (stepped[:, :-1] - full[:, 4:-1]).abs().max().item() <= 1e-4
+    assert (stepped[:, -1] - full[:, -1]).abs().max().item() <= 1e-4
+
+
+def test_ragged_prefill_then_decode_equals_per_sequence_forward():
+    _, model = pair("h3_v101")
+    lengths = [3, 9, 1]
+    seqs = [random_ids(101, (1, n + 2), seed=n) for n in lengths]  # each prompt plus two decoded tokens
+    prompts = torch.zeros(3, max(lengths), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        prompts[b, :n] = seqs[b][0, :n]
+    model.setup_cache(3, max(lengths) + 2)
+    first = model.prefill(prompts, torch.tensor(lengths))
+    second = model.decode_step(torch.stack([s[0, n] for s, n in zip(seqs, lengths)]))
+    third = model.decode_step(torch.stack([s[0, n + 1] for s, n in zip(seqs, lengths)]))
+    for b, n in enumerate(lengths):
+        with torch.no_grad():
+            full = model(seqs[b])[0]
+        for got, pos in ((first, n - 1), (second, n), (third, n + 1)):
+            assert (got[b] - full[pos]).abs().max().item() <= 1e-4, (b, pos)
+
+
+def test_decode_step_fp16_fa_rule():
+    hf, model = pair("h3_v101", dtype=torch.float16)
+    ids = random_ids(101, (2, 6))
+    with torch.no_grad():
+        ref32 = hf(ids).logits[:, -1]
+        base = hf.to(torch.float16)(ids).logits[:, -1]
+    model.setup_cache(2, 6)
+    model.prefill(ids[:, :5])
+    assert_fa_close(model.decode_step(ids[:, 5]), ref32, base, msg="decode step")
+
+
+@pytest.mark.parametrize(
+    "ids, err, match",
+    [
+        (torch.zeros(1, 3), TypeError, "integer"),
+        (torch.zeros(1, 3, dtype=torch.bool), TypeError, "integer"),
+        ([[1, 2]], TypeError, "torch.Tensor"),
+        (torch.tensor([[1, 101]]), ValueError, "outside the vocabulary"),
+        (torch.tensor([[-1, 3]]), ValueError, "outside the vocabulary"),
+        (torch.tensor([1, 2]), ValueError, "2-D"),
+        (torch.zeros(1, 0, dtype=torch.long), ValueError, "empty"),
+        (torch.zeros(1, 49, dtype=torch.long), ValueError, "n_positions"),
+    ],
+)
+def test_forward_rejects_bad_ids(ids, err, match):
+    _, model = pair("h3_v101")
+    good = random_ids(101, (1, 4))
+    before = model(good)
+    with pytest.raises(err, match=match):
+        model(ids)
+    assert torch.equal(model(good), before)
+
+
+def test_prefill_and_cache_errors():
+    _, model = pair("h3_v101")
+    ids = random_ids(101, (2, 4))
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model.prefill(ids)
+    with pytest.raises(ValueError, match="max_len"):
+        model.setup_cache(2, 49)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.setup_cache(0, 8)
+    model.setup_cache(2, 3)
+    with pytest.raises(ValueError, match="max_len"):
+        model.prefill(ids)
+    model.setup_cache(2, 8)
+    with pytest.raises(ValueError, match="lengths"):
+        model.prefill(ids, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="lengths"):
+        model.prefill(ids, torch.tensor([5, 4]))
