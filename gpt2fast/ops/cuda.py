@@ -100,12 +100,12 @@ def _check_device(**tensors: torch.Tensor | None) -> int:
     """Every tensor is a CUDA tensor on the current device and the runtime works; returns the device index."""
     if _load_ext() is None:
         raise CudaBackendError(_not_built_reason())
-    for name, t in tensors.items():
-        if t is not None and t.device.type != "cuda":
-            raise CudaBackendError(f"cuda backend: {name} is a {t.device.type} tensor; it needs CUDA tensors")
     reason = _no_device_reason()
     if reason is not None:
         raise CudaBackendError(f"cuda backend: {reason}")
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cuda":
+            raise CudaBackendError(f"cuda backend: {name} is a {t.device.type} tensor; it needs CUDA tensors")
     current = torch.cuda.current_device()
     for name, t in tensors.items():
         if t is not None and t.device.index != current:
