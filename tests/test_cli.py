@@ -68,7 +68,8 @@ def test_info(capsys):
 # ---- parity -----------------------------------------------------------------------------
 def test_parity_passes_on_tiny_model(tmp_path, capsys):
     path = tmp_path / "parity.json"
-    code, out, err = run(capsys, "parity", *TINY, "--batch", "2", "--seq-len", "9", "--json", str(path))
+    argv = ["parity", *TINY, "--backend", "reference", "--batch", "2", "--seq-len", "6", "--json", str(path)]
+    code, out, err = run(capsys, *argv)
     assert code == 0, out + err
     doc = json.loads(path.read_text())
     assert doc["ok"] is True
@@ -76,6 +77,12 @@ def test_parity_passes_on_tiny_model(tmp_path, capsys):
     assert combos == {(d, p) for d in ("fp32", "fp16", "bf16") for p in ("forward", "decode")}
     assert all(r["err"] <= r["bound"] for r in doc["results"])
     assert "parity ok" in out
+
+
+def test_parity_default_backends_are_the_available_ones():
+    names = cli._parity_backends(None, torch.device("cpu"))
+    assert "reference" in names
+    assert names == [name for name, ok, _ in cli.backend_rows("cpu") if ok]
 
 
 def _broken_bias_gelu(x, bias):
