@@ -192,25 +192,21 @@ def _start(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cuda_graph: bool | None = None,
     *,
     check_every: int,
+    **sampling_knobs,
 ) -> tuple[DecodeState, Iterator[torch.Tensor]]:
     """Validate a generate call, set up the cache and state, and return them with the token iterator.
 
-    The iterator yields each step's tokens ``[B]`` (on the device) and stops once every sequence
-    has finished (checked on the host every ``check_every`` steps) or after ``max_new_tokens``.
+    ``sampling_knobs`` are :class:`SamplingConfig`'s fields.  The iterator yields each step's tokens
+    ``[B]`` (on the device) and stops once every sequence has finished (checked on the host every
+    ``check_every`` steps) or after ``max_new_tokens``.
     """
-    cfg = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
+    cfg = SamplingConfig(**sampling_knobs)
     req = validate(model, input_ids, attention_mask, max_new_tokens, cfg, eos_token_id, pad_token_id, generator,
                    use_cuda_graph)  # fmt: skip
     B, L = req.prompts.shape
@@ -258,9 +254,10 @@ def generate(
     on its own; ``None`` never stops early.  Finished sequences are padded with ``pad_token_id``
     (default: the first EOS id).  ``generator`` seeds sampling.  ``use_cuda_graph``: see :func:`make_step`.
     """
-    state, stream = _start(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                           repetition_penalty, no_repeat_ngram_size, eos_token_id, pad_token_id, generator,
-                           use_cuda_graph, check_every=CHECK_EVERY)  # fmt: skip
+    knobs = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    knobs.update(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    state, stream = _start(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, generator,
+                           use_cuda_graph, check_every=CHECK_EVERY, **knobs)  # fmt: skip
     new = torch.stack(list(stream), dim=1)
     width = int(state.steps)  # the host sync that trims steps taken after every sequence finished
     return torch.cat([input_ids, new[:, :width].to(input_ids.dtype)], dim=1)

@@ -120,23 +120,28 @@ def test_top_k_one_sampling_is_greedy():
     assert torch.equal(sampled, model.generate(ids, max_new_tokens=8))
 
 
-def test_use_cuda_graph_needs_cuda():
+def test_use_cuda_graph_needs_cuda_and_cpu_gets_the_eager_step():
     _, model = pair("h3_v101")
+    ids = random_ids(101, (1, 2))
     with pytest.raises(ValueError, match="use_cuda_graph"):
-        model.generate(random_ids(101, (1, 2)), use_cuda_graph=True)
-    # the eager step is what make_step gives on CPU, whatever the flag
-    state = generation.DecodeState(
-        generation.SamplingConfig(), generation.TokenHistory.from_prompts(torch.zeros(1, 1, dtype=torch.long),
-                                                                          torch.ones(1), 2), None, 0, None)  # fmt: skip
-    model.setup_cache(1, 2)
-    model.prefill(torch.zeros(1, 1, dtype=torch.long))
-    assert make_step_is_eager(model, state)
-
-
-def make_step_is_eager(model, state) -> bool:
-    """The step from make_step on CPU equals decode_step + select."""
+        model.generate(ids, use_cuda_graph=True)
+    history = generation.TokenHistory.from_prompts(ids, torch.tensor([2]), max_len=4)
+    state = generation.DecodeState(generation.SamplingConfig(), history, None, 0, None)
+    model.setup_cache(1, 4)
+    first = state.select(model.prefill(ids))
     step = generation.make_step(model, state, use_cuda_graph=None)
-    return step.__name__ == "eager_step" and step(torch.tensor([4])).shape == (1,)
+    assert step.__name__ == "eager_step"
+    second = step(first)
+    assert torch.equal(torch.cat([ids[0], first, second]), model.generate(ids, max_new_tokens=2)[0])
+
+
+def test_boundaries_and_int32_ids():
+    hf, model = pair("h3_v101")
+    ids = random_ids(101, (2, 3))
+    full = model.generate(ids, max_new_tokens=45)  # prompt + new == n_positions
+    assert full.shape == (2, 48) and torch.equal(full, _hf_generate(hf, ids, max_new_tokens=45))
+    one = model.generate(ids.int(), max_new_tokens=1)
+    assert one.dtype == torch.int32 and torch.equal(one.long(), full[:, :4])
 
 
 @pytest.mark.parametrize(
