@@ -1,0 +1,241 @@
+"""``gpt2fast bench kernels`` and ``gpt2fast bench e2e``: argument parsing and handlers.
+
+``gpt2fast/cli.py`` calls :func:`add_bench_parser` with its subparsers; every
+handler takes the parsed ``args`` and returns an exit code (0 ok, 1 a provider
+produced a wrong result or nothing ran, 2 bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt2fast.bench import e2e, kernels
+from gpt2fast.bench.results import new_document, run_metadata, validate, write_json
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES |= {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _csv(kind: type, name: str):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a comma-separated list of {kind.__name__}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name} must not be empty")
+        return values
+
+    return parse
+
+
+def _dtype_list(text: str) -> tuple[torch.dtype, ...]:
+    names = _csv(str, "--dtype")(text)
+    bad = [n for n in names if n not in DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--dtype: unknown {bad}; choose from fp32, fp16, bf16")
+    return tuple(DTYPES[n] for n in names)
+
+
+def add_bench_parser(subparsers) -> None:
+    """Add ``bench`` with its ``kernels`` and ``e2e`` subcommands to an argparse ``subparsers`` object."""
+    bench = subparsers.add_parser("bench", help="kernel and end-to-end benchmarks (JSON, plots, tables)")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
+
+    k = sub.add_parser("kernels", help="time every op on every backend against torch / torch.compile / SDPA")
+    k.add_argument("--op", type=_csv(str, "--op"), default=kernels.OPS, help=f"ops (default all: {kernels.OPS})")
+    k.add_argument("--dtype", type=_dtype_list, default=None, help="fp16,bf16,fp32 (default: fp16; fp32 on CPU)")
+    k.add_argument("--quick", action="store_true", help="the short sweep (and shorter timing)")
+    k.add_argument("--sweep", choices=["full", "quick", "cpu"], help="override the sweep (default by device)")
+    k.add_argument("--provider", type=_csv(str, "--provider"), default=None, help="only these providers")
+    k.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the torch.compile baseline (default: on for CUDA, off on CPU)")  # fmt: skip
+    k.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    k.add_argument("--json", type=Path, help="write the results document here")
+    k.add_argument("--plots", type=Path, help="write PNG plots into this directory")
+    k.add_argument("--markdown", type=Path, help="write the markdown summary here")
+    k.set_defaults(func=run_kernels)
+
+    e = sub.add_parser("e2e", help="generation: gpt2fast vs transformers (prefill, ms/token, tokens/s)")
+    e.add_argument("--size", type=_csv(str, "--size"), default=None, help="gpt2,gpt2-medium,... or tiny")
+    e.add_argument("--batch", type=_csv(int, "--batch"), default=None, help="batch sizes, e.g. 1,8,64")
+    e.add_argument("--prompt", type=int, default=None, help="prompt length (default 128; 16 on CPU)")
+    e.add_argument("--new", type=int, default=None, help="new tokens (default 128; 8 on CPU)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp16 (fp32 on CPU)")
+    e.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement")
+    e.add_argument("--provider", type=_csv(str, "--provider"), default=None, help="only these providers")
+    e.add_argument("--hf-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="include transformers static cache + torch.compile (CUDA only)")  # fmt: skip
+    e.add_argument("--hf-compile-batches", type=_csv(int, "--hf-compile-batches"), default=None,
+                   help="batch sizes for the compiled transformers provider (default all)")  # fmt: skip
+    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    e.add_argument("--json", type=Path, help="write the results document here")
+    e.add_argument("--markdown", type=Path, help="write the markdown summary here")
+    e.set_defaults(func=run_e2e)
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device must be cuda or cpu, got {name!r}")
+    return dev
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _finish(doc: dict, args) -> None:
+    validate(doc)
+    if args.json:
+        write_json(doc, args.json)
+    if getattr(args, "markdown", None):
+        from gpt2fast.bench.report import markdown
+
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(doc))
+
+
+def _peaks(device: torch.device, quick: bool) -> dict | None:
+    from gpt2fast.bench.roofline import measure_peaks
+
+    try:
+        return measure_peaks(device, quick).as_dict()
+    except Exception as exc:
+        _log(f"warning: measuring the device peaks failed ({type(exc).__name__}: {exc}); no % of peak figures")
+        return None
+
+
+def run_kernels(args) -> int:
+    """Handler of ``bench kernels``: run the sweep, write JSON/plots/markdown, print a table."""
+    try:
+        device = _device(args.device)
+        bad = [o for o in args.op if o not in kernels.OPS]
+        if bad:
+            raise ValueError(f"--op: unknown {bad}; choose from {kernels.OPS}")
+    except ValueError as exc:
+        _log(f"error: {exc}")
+        return 2
+    cpu = device.type != "cuda"
+    sweep = args.sweep or ("cpu" if cpu else "quick" if args.quick else "full")
+    dtypes = args.dtype or ((torch.float32,) if cpu else (torch.float16,))
+    compile_baseline = (not cpu) if args.compile is None else args.compile
+    opts = kernels.Options(tuple(args.op), dtypes, sweep, compile_baseline, args.quick or cpu, args.provider, log=_log)
+    peaks = _peaks(device, opts.quick_timing)
+    doc = new_document("kernels", run_metadata(device), peaks)
+    doc["meta"]["sweep"] = sweep
+    for rec in kernels.iter_records(device, opts, peaks):
+        doc["records"].append(rec)
+        if args.json:  # keep a valid file on disk as the run goes (a time-boxed run keeps what it measured)
+            write_json(doc, args.json)
+    _finish(doc, args)
+    if args.plots:
+        from gpt2fast.bench.plots import plot_kernels
+
+        try:
+            plot_kernels(doc, args.plots)
+        except Exception as exc:
+            _log(f"warning: plotting failed: {type(exc).__name__}: {exc}")
+    _print_table(doc)
+    return _exit_code(doc)
+
+
+def _exit_code(doc: dict) -> int:
+    recs = doc["records"]
+    wrong = [r for r in recs if (r.get("check") or {}).get("ok") is False]
+    ran = [r for r in recs if r["error"] is None]
+    for r in wrong:
+        _log(f"WRONG RESULT: {r['op']} {r['provider']} {r['dtype']} {r['shape']}: {r['check']}")
+    return 1 if wrong or not ran else 0
+
+
+def run_e2e(args) -> int:
+    """Handler of ``bench e2e``: run generation benchmarks, write JSON/markdown, print a table."""
+    try:
+        device = _device(args.device)
+        cpu = device.type != "cuda"
+        sizes = args.size or (("tiny",) if cpu else ("gpt2",))
+        for s in sizes:
+            e2e.resolve_config(s)
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if cpu else torch.float16)
+        opts = e2e.Options(
+            sizes=tuple(sizes),
+            batches=args.batch or ((1, 2) if cpu else (1, 8, 64)),
+            prompt=args.prompt or (16 if cpu else 128),
+            new=args.new or (8 if cpu else 128),
+            dtype=dtype,
+            reps=max(1, args.reps),
+            hf_compile=args.hf_compile,
+            hf_compile_batches=args.hf_compile_batches,
+            providers=args.provider,
+            log=_log,
+        )
+        opts.validate()
+    except ValueError as exc:
+        _log(f"error: {exc}")
+        return 2
+    peaks = _peaks(device, quick=True)
+    doc = new_document("e2e", run_metadata(device), peaks)
+    for rec in e2e.iter_records(device, opts, peaks):
+        doc["records"].append(rec)
+        if args.json:
+            write_json(doc, args.json)
+    _finish(doc, args)
+    _print_table(doc)
+    return 0 if any(r["error"] is None for r in doc["records"]) else 1
+
+
+def _print_table(doc: dict) -> None:
+    """A rich table of the main figures (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"gpt2fast bench {doc['kind']} on {doc['meta']['device_name']}")
+    if doc["kind"] == "kernels":
+        cols = ["op", "shape", "dtype", "provider", "median ms", "GB/s", "TFLOP/s", "% copy bw", "check"]
+        for c in cols:
+            table.add_column(c)
+        for r in doc["records"]:
+            shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+            if r["error"] is not None:
+                table.add_row(r["op"], shape, r["dtype"], r["provider"], r["error"][:60], "", "", "", "")
+                continue
+            check = "ok" if (r["check"] or {}).get("ok") else "WRONG"
+            vals = [r["time"]["median_ms"], r["gbps"], r["tflops"], r["pct_copy_bw"]]
+            table.add_row(r["op"], shape, r["dtype"], r["provider"], *(_num(v) for v in vals), check)
+    else:
+        cols = ["size", "batch", "provider", "prefill ms", "decode ms/tok", "tok/s", "roofline", "launches", "vs HF"]
+        for c in cols:
+            table.add_column(c)
+        for r in doc["records"]:
+            if r["error"] is not None:
+                table.add_row(r["size"], str(r["batch"]), r["provider"], r["error"][:60], "", "", "", "", "")
+                continue
+            roof = r["roofline_fraction"]
+            sp = r["speedup"].get(e2e.EAGER + " decode")
+            table.add_row(
+                r["size"],
+                str(r["batch"]),
+                r["provider"],
+                _num(r["prefill_ms"]),
+                _num(r["decode_ms_per_token"]),
+                _num(r["decode_tokens_per_s"]),
+                "–" if roof is None else f"{100 * roof:.1f}%",
+                _num(r["launches_per_step"]),
+                "–" if sp is None else f"{sp:.2f}x",
+            )
+    Console(width=200).print(table)
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.4g}"

@@ -1,0 +1,281 @@
+"""End-to-end generation benchmark: gpt2fast against transformers on the same random weights shape.
+
+Every provider is timed the same way, through its ``generate``: the wall time of
+generating 1 token is the prefill latency, and ``(t(new) - t(1)) / (new - 1)`` the
+decode time per token.  Weights are random (no download): ``GPT2.random`` for
+gpt2fast, transformers' own initialisation of ``GPT2LMHeadModel(GPT2Config(...))``.
+
+The roofline fraction compares a decode step with the least time it could take:
+the bytes it must read (all weights, the tied LM head in full, and the KV cache at
+the mean context length) over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt2fast import GPT2, GPT2Config, ops
+from gpt2fast.bench import roofline
+from gpt2fast.bench.timing import sync, time_cpu
+
+#: A config small enough for CPU runs and tests.
+TINY = GPT2Config(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=2, bos_token_id=511, eos_token_id=511)
+
+EAGER = "transformers"
+
+
+def resolve_config(size: str) -> GPT2Config:
+    """A published size name, or "tiny" (2 layers, 64 wide, for CPU runs)."""
+    return TINY if size == "tiny" else GPT2Config.from_name(size)
+
+
+@dataclass
+class Options:
+    """What to run: sizes, batches, prompt/new lengths, dtype, repetitions and which providers."""
+
+    sizes: tuple[str, ...] = ("gpt2",)
+    batches: tuple[int, ...] = (1, 8, 64)
+    prompt: int = 128
+    new: int = 128
+    dtype: torch.dtype = torch.float16
+    reps: int = 3
+    hf_compile: bool = True
+    hf_compile_batches: tuple[int, ...] | None = None  # batches to run it at (None: all); each one recompiles
+    providers: tuple[str, ...] | None = None  # a subset of provider names (None: all)
+    seed: int = 0
+    log: Callable[[str], None] = field(default=print)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming a bad option."""
+        if self.prompt < 1:
+            raise ValueError(f"--prompt must be >= 1, got {self.prompt}")
+        if self.new < 2:
+            raise ValueError(f"--new must be >= 2 (decode time is t(new) - t(1)), got {self.new}")
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"--batch values must be >= 1, got {list(self.batches)}")
+        for size in self.sizes:
+            cfg = resolve_config(size)
+            if self.prompt + self.new > cfg.n_positions:
+                raise ValueError(
+                    f"--prompt + --new = {self.prompt + self.new} exceeds {size}'s n_positions={cfg.n_positions}"
+                )
+
+
+# ---- models ------------------------------------------------------------------------------
+def build_hf(config: GPT2Config, dtype: torch.dtype, device: torch.device, seed: int):
+    """transformers ``GPT2LMHeadModel`` with its own random initialisation (no download)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(**config.to_hf_dict())
+    with torch.device(device):
+        model = transformers.GPT2LMHeadModel(hf_cfg)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def _hf_generate(model, ids: torch.Tensor, n: int, **extra) -> torch.Tensor:
+    eos = model.config.eos_token_id
+    mask = torch.ones_like(ids)
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos, **extra
+    )
+
+
+@dataclass
+class Runner:
+    """A provider ready to run: ``generate(ids, n)`` and ``step()`` (one decode step, for the profiler)."""
+
+    generate: Callable[[torch.Tensor, int], torch.Tensor]
+    prepare_step: Callable[[torch.Tensor], Callable[[], object]] | None
+
+
+def _hf_runner(model, **extra) -> Runner:
+    def prepare(ids: torch.Tensor) -> Callable[[], object]:
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+        def step():
+            with torch.no_grad():
+                return model(nxt, past_key_values=past, use_cache=True)
+
+        return step
+
+    return Runner(lambda ids, n: _hf_generate(model, ids, n, **extra), prepare)
+
+
+def _gpt2fast_runner(model: GPT2, use_cuda_graph: bool | None = False) -> Runner:
+    def prepare(ids: torch.Tensor) -> Callable[[], object]:
+        model.setup_cache(ids.shape[0], ids.shape[1] + 1)
+        nxt = model.prefill(ids).argmax(-1)
+        seqlens = model.cache.seqlens.clone()
+
+        def step():
+            model.cache.seqlens.copy_(seqlens)  # the same position every time
+            return model.decode_step(nxt)
+
+        return step
+
+    return Runner(lambda ids, n: model.generate(ids, max_new_tokens=n, use_cuda_graph=use_cuda_graph), prepare)
+
+
+def providers(
+    config: GPT2Config, opts: Options, device: torch.device, batch: int
+) -> Iterator[tuple[str, Callable[[], Runner]]]:
+    """(name, factory) of every provider at ``batch``; a factory builds its model and may raise (recorded)."""
+    dtype, seed = opts.dtype, opts.seed
+    yield EAGER, lambda: _hf_runner(build_hf(config, dtype, device, seed))
+    compile_here = opts.hf_compile_batches is None or batch in opts.hf_compile_batches
+    if device.type == "cuda" and opts.hf_compile and compile_here:
+        yield "transformers+static+compile", lambda: _hf_compiled(config, dtype, device, seed)
+    yield "transformers+patch_hf", lambda: _hf_patched(config, dtype, device, seed)
+    for status in ops.available_backends(device):
+        if status.available:
+            yield "gpt2fast:" + status.name, _own_factory(config, dtype, device, seed, status.name, False)
+    if device.type == "cuda":
+        yield "gpt2fast:auto+cuda_graph", _own_factory(config, dtype, device, seed, None, True)
+
+
+def _own_factory(config, dtype, device, seed, backend: str | None, graph: bool) -> Callable[[], Runner]:
+    def make() -> Runner:
+        if graph:
+            importlib.import_module("gpt2fast.cuda_graph")  # without it generate would silently run eagerly
+        model = GPT2.random(config, seed=seed, dtype=dtype, device=device, backend=backend)
+        return _gpt2fast_runner(model, use_cuda_graph=graph)
+
+    return make
+
+
+def _hf_compiled(config: GPT2Config, dtype: torch.dtype, device: torch.device, seed: int) -> Runner:
+    """transformers' recipe for fast generation: a static cache and a compiled forward."""
+    model = build_hf(config, dtype, device, seed)
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    return _hf_runner(model, cache_implementation="static")
+
+
+def _hf_patched(config: GPT2Config, dtype: torch.dtype, device: torch.device, seed: int) -> Runner:
+    from gpt2fast.hf_patch import patch_hf
+
+    return _hf_runner(patch_hf(build_hf(config, dtype, device, seed)))
+
+
+# ---- measuring ---------------------------------------------------------------------------
+def count_launches(step: Callable[[], object], device: torch.device) -> int | None:
+    """GPU kernels (and memcpy/memset) one call of ``step`` runs, from the torch profiler; None on CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _record(size: str, provider: str, opts: Options, batch: int) -> dict:
+    return {
+        "size": size,
+        "provider": provider,
+        "dtype": str(opts.dtype).replace("torch.", ""),
+        "batch": batch,
+        "prompt": opts.prompt,
+        "new": opts.new,
+        "error": None,
+        "prefill_ms": None,
+        "decode_ms_per_token": None,
+        "decode_tokens_per_s": None,
+        "e2e_tokens_per_s": None,
+        "step_bytes": None,
+        "roofline_fraction": None,
+        "launches_per_step": None,
+        "speedup": {},
+        "time_prefill": None,
+        "time_total": None,
+    }
+
+
+def measure(runner: Runner, ids: torch.Tensor, opts: Options, device: torch.device, rec: dict) -> None:
+    """Fill the timing fields of ``rec`` from ``runner`` on prompts ``ids``."""
+
+    def gen(n: int) -> Callable[[], None]:
+        def run() -> None:
+            out = runner.generate(ids, n)
+            sync(device)
+            if out.shape[1] != ids.shape[1] + n:
+                raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {n}")
+
+        return run
+
+    t1 = time_cpu(gen(1), reps=opts.reps, warmup=1, budget_s=30)
+    tn = time_cpu(gen(opts.new), reps=opts.reps, warmup=1, budget_s=60)
+    batch = ids.shape[0]
+    rec["time_prefill"], rec["time_total"] = t1.as_dict(), tn.as_dict()
+    rec["prefill_ms"] = t1.median_ms
+    rec["e2e_tokens_per_s"] = batch * opts.new * 1e3 / tn.median_ms
+    if tn.median_ms > t1.median_ms:
+        rec["decode_ms_per_token"] = (tn.median_ms - t1.median_ms) / (opts.new - 1)
+        rec["decode_tokens_per_s"] = batch * 1e3 / rec["decode_ms_per_token"]
+    else:  # timing noise larger than the decode time (tiny runs on a busy CPU): no figure rather than a wrong one
+        rec["note"] = f"decode time not resolved: t({opts.new} tokens) <= t(1 token); use more --new or --reps"
+    if runner.prepare_step is not None:
+        try:
+            rec["launches_per_step"] = count_launches(runner.prepare_step(ids), device)
+        except Exception as exc:
+            rec["launches_note"] = f"profiler failed: {type(exc).__name__}: {exc}"[:300]
+
+
+def _roofline(rec: dict, config: GPT2Config, opts: Options, peaks: dict | None) -> None:
+    batch = rec["batch"]
+    context = opts.prompt + (opts.new - 1) / 2  # mean cached length over the decode steps
+    step_bytes = roofline.weight_bytes_per_decode_step(config, batch, opts.dtype)
+    step_bytes += roofline.kv_bytes_per_decode_step(config, batch, context, opts.dtype)
+    rec["step_bytes"] = step_bytes
+    if peaks and rec["decode_ms_per_token"]:
+        floor_ms = step_bytes / (peaks["copy_gbps"] * 1e9) * 1e3
+        rec["roofline_fraction"] = floor_ms / rec["decode_ms_per_token"]
+
+
+def iter_records(device: torch.device, opts: Options, peaks: dict | None) -> Iterator[dict]:
+    """Run every (size, batch, provider), yielding one record each."""
+    opts.validate()
+    for size in opts.sizes:
+        config = resolve_config(size)
+        for batch in opts.batches:
+            g = torch.Generator(device="cpu").manual_seed(opts.seed)
+            ids = torch.randint(0, config.vocab_size, (batch, opts.prompt), generator=g).to(device)
+            recs = []
+            for name, factory in providers(config, opts, device, batch):
+                if opts.providers is not None and name not in opts.providers:
+                    continue
+                opts.log(f"e2e {size} batch={batch} {name}")
+                rec = _record(size, name, opts, batch)
+                try:
+                    measure(factory(), ids, opts, device, rec)
+                    _roofline(rec, config, opts, peaks)
+                except Exception as exc:  # a failing provider is recorded, not fatal
+                    rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                        torch.cuda.empty_cache()
+                recs.append(rec)
+            _speedups(recs)
+            yield from recs
+
+
+def _speedups(recs: list[dict]) -> None:
+    """Decode tokens/s of every provider over transformers eager's (same size and batch)."""
+    base = next((r for r in recs if r["provider"] == EAGER and r["error"] is None), None)
+    if base is None:
+        return
+    for r in recs:
+        if r["error"] is None and r is not base:
+            r["speedup"] = {EAGER + " e2e": r["e2e_tokens_per_s"] / base["e2e_tokens_per_s"]}
+            if r["decode_tokens_per_s"] and base["decode_tokens_per_s"]:
+                r["speedup"][EAGER + " decode"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
