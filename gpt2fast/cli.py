@@ -433,12 +433,13 @@ def _parity_backends(requested: list[str] | None, device: torch.device) -> list[
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Logits of gpt2fast vs transformers per dtype and backend; exit 1 past the FlashAttention tolerance."""
-    out, err = consoles()
     from rich.progress import Progress
     from rich.table import Table
 
+    from gpt2fast.config import GPT2Config
     from gpt2fast.model import GPT2
 
+    out, err = consoles()
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -461,8 +462,6 @@ def cmd_parity(args: argparse.Namespace) -> int:
             ckpt = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fast-parity-")))
             with _status(err, f"writing a random {args.random} checkpoint"):
                 GPT2.random(size_config(args.random), seed=args.init_seed).save_pretrained(ckpt)
-        from gpt2fast.config import GPT2Config
-
         config = GPT2Config.from_json(ckpt)
         if args.seq_len > config.n_positions:
             raise UsageError(f"--seq-len {args.seq_len} exceeds the model's n_positions={config.n_positions}")
@@ -473,8 +472,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
             rows = run_parity(ckpt, ids, dtypes, backends, device, n_decode, lambda: bar.advance(task))
 
     table = Table(title=f"gpt2fast vs transformers: {args.model or 'random ' + args.random}, {device}")
-    for col in ("dtype", "backend", "path", "max |Δ logits|", "bound", "greedy agree", "verdict"):
-        table.add_column(col, justify="right" if col.startswith(("max", "bound", "greedy")) else "left")
+    for col in ("dtype", "backend", "path", "max |Δ logits|", "bound", "argmax = HF fp32", "verdict"):
+        table.add_column(col, justify="right" if col.startswith(("max", "bound", "argmax")) else "left")
     for r in rows:
         verdict = "[green]ok" if r.ok else "[bold red]FAIL"
         table.add_row(r.dtype, r.backend, r.path, f"{r.err:.3e}", f"{r.bound:.3e}", f"{r.greedy_agree:.1%}", verdict)
