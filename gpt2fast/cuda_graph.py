@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -106,15 +107,60 @@ class _Snapshot:
         self.values = [t.clone() for t in self.targets]
         self.generator = getattr(state, "generator", None)
         self.device = model.cache.seqlens.device
-        self.rng = self.generator.get_state() if self.generator is not None else torch.cuda.get_rng_state(self.device)
+        self.rng = self._get_rng()
 
-    def restore(self) -> None:
+    def _get_rng(self) -> torch.Tensor:
+        if self.generator is not None:
+            return self.generator.get_state()
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def restore_tensors(self) -> None:
+        """Put back the cache lengths and the decode state's tensors."""
         for t, v in zip(self.targets, self.values):
             t.copy_(v)
+
+    def restore(self) -> None:
+        """Put back the tensors and the RNG state."""
+        self.restore_tensors()
         if self.generator is not None:
             self.generator.set_state(self.rng)
-        else:
+        elif self.device.type == "cuda":
             torch.cuda.set_rng_state(self.rng, self.device)
+        else:
+            torch.set_rng_state(self.rng)
+
+
+@contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Run the body on a fresh CUDA stream ordered after (and before) the current one; a no-op off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(main)
+    try:
+        with torch.cuda.stream(side):
+            yield
+    finally:
+        main.wait_stream(side)
+
+
+def _capture(fn: Callable[[], torch.Tensor], generator: torch.Generator | None, device: torch.device):
+    """Capture ``fn`` into a CUDA graph; returns ``(graph, output)``.  Nothing runs: replay runs it.
+
+    A user ``generator`` is registered with the graph so each replay advances it like an eager run;
+    the default CUDA generator is registered by ``torch.cuda.graph`` itself.
+    """
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        with torch.cuda.device(device):
+            graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 # ---- one captured step ------------------------------------------------------------------------------------
@@ -124,7 +170,7 @@ class GraphStep:
     """A decode step captured in a CUDA graph (lazily, at the first call), with static input/output buffers.
 
     Calling it runs one step: a copy into the input buffer, ``graph.replay()``, a copy of the output.
-    If capture fails it calls ``on_failure(exc)`` and runs ``eager_step`` for that call.
+    If capture fails it calls ``on_failure(exc)`` and runs ``eager_step`` from then on.
     """
 
     def __init__(self, model, state: object, eager_step: Step, on_failure: Callable[[Exception], None]) -> None:
@@ -136,28 +182,27 @@ class GraphStep:
         self.failed = False
 
     def capture(self, tokens: torch.Tensor) -> None:
-        """Warm up on a side stream, undo the warm-up, then capture one step reading ``static_in``."""
+        """Warm up on a side stream, undo the warm-up, then capture one step reading ``static_in``.
+
+        The model cache and decode state hold the same values afterwards as before (the tensors are
+        restored after capture too, a no-op for a real capture, which runs nothing).
+        """
         device = tokens.device
         self.static_in = tokens.clone()
-        generator = getattr(self.state, "generator", None)
         snapshot = _Snapshot(self.model, self.state)
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
         try:
-            with torch.no_grad(), torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self.eager_step(self.static_in)
-                    snapshot.restore()
-        finally:
-            torch.cuda.current_stream(device).wait_stream(side)
+            with torch.no_grad():
+                with _side_stream(device):
+                    for _ in range(WARMUP_STEPS):
+                        self.eager_step(self.static_in)
+                        snapshot.restore()
+                self.graph, self.static_out = _capture(
+                    lambda: self.eager_step(self.static_in), getattr(self.state, "generator", None), device
+                )
+        except BaseException:
             snapshot.restore()
-        graph = torch.cuda.CUDAGraph()
-        if generator is not None:
-            with torch.cuda.device(device):
-                graph.register_generator_state(generator)
-        with torch.no_grad(), torch.cuda.graph(graph):
-            self.static_out = self.eager_step(self.static_in)
-        self.graph = graph
+            raise
+        snapshot.restore_tensors()  # not the RNG: a registered generator belongs to the graph now
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run one decode step; returns a fresh ``[B]`` tensor of next tokens."""
@@ -183,7 +228,7 @@ def graph_key(model, state: object) -> tuple:
     """What a captured step depends on: shapes, dtype, storage of the cache and weights, backend,
     sampling config, generator and decode-state layout."""
     cache = model.cache
-    weights = tuple(p.data_ptr() for p in model.parameters())
+    weights = (model.wte.weight.dtype, *(p.data_ptr() for p in model.parameters()))
     cache_ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.seqlens.data_ptr())
     backend = (getattr(model, "backend", None), ops.get_backend())
     return (cache.batch_size, cache.max_len, cache.k.dtype, cache.k.device, cache_ptrs, weights, backend,
@@ -204,12 +249,16 @@ def clear_graphs(model) -> None:
     model.__dict__.pop(_CACHE_ATTR, None)
 
 
+def _require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"CUDA-graph decode needs a CUDA model; this one is on {device} (use the eager step)")
+
+
 def _check_model(model, state: object) -> None:
     weight = getattr(getattr(model, "wte", None), "weight", None)
     if weight is None or not hasattr(model, "decode_step"):
         raise TypeError(f"model must be a gpt2fast.GPT2, got {type(model).__name__}")
-    if weight.device.type != "cuda":
-        raise ValueError(f"CUDA-graph decode needs a CUDA model; this one is on {weight.device} (use the eager step)")
+    _require_cuda(weight.device)
     if getattr(model, "cache", None) is None:
         raise RuntimeError("call model.setup_cache(batch_size, max_len) before make_graph_step")
     for name, t in state_tensors(state).items():

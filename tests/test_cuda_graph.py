@@ -18,9 +18,14 @@ CFG = GPT2Config(vocab_size=97, n_positions=128, n_embd=128, n_layer=2, n_head=2
 
 
 def tiny_gpt2(device: str = "cpu", dtype: torch.dtype = torch.float32) -> GPT2:
-    """A deterministic tiny GPT-2 (PyTorch's default init: varied logits, few greedy ties)."""
+    """A deterministic tiny GPT-2 whose weights (N(0, 0.2)) give varied greedy continuations."""
     torch.manual_seed(0)
-    return GPT2(CFG).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = GPT2(CFG).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" not in f".{name}":
+                p.normal_(0.0, 0.2)
+    return model.to(device=device, dtype=dtype)
 
 
 def decode_state(device="cpu", batch=2, cap=16, cfg=None, eos=(5,), generator=None) -> DecodeState:
@@ -96,9 +101,6 @@ def test_state_tensors_lists_history_and_flags():
     assert {"history.tokens", "history.lengths", "done", "steps", "pad", "eos_ids"} <= names
 
 
-# ---- GPU: graph replay against the eager step (UNVERIFIED here) ------------------------------------------
-
-
 def _ragged_batch(device):
     ids = torch.randint(1, CFG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(3)).to(device)
     mask = torch.ones_like(ids)
@@ -111,6 +113,99 @@ def _only_entry(model) -> cuda_graph.GraphStep:
     entries = [e for e in cuda_graph.graph_cache(model).values() if isinstance(e, cuda_graph.GraphStep)]
     assert len(entries) == 1, "expected exactly one captured decode graph"
     return entries[0]
+
+
+# ---- CPU: the graph-step plumbing, with a stand-in for CUDA graph capture -------------------------------
+
+
+class FakeGraph:
+    """Stands in for a captured CUDA graph: ``replay`` re-runs the step into the same output buffer."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self):
+        self.out.copy_(self.fn())
+        self.replays += 1
+
+
+def fake_capture(fn, generator, device):
+    """Like ``cuda_graph._capture`` but runs ``fn`` once for its output buffer, leaving the RNG as it was
+    (a real capture runs nothing; GraphStep restores the tensors it touched)."""
+    rng = torch.get_rng_state()
+    out = fn()
+    torch.set_rng_state(rng)
+    return FakeGraph(fn, out), out
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Route ``generate`` on CPU through ``make_graph_step`` with fake capture; returns the capture list."""
+    from gpt2fast import generation
+
+    captured = []
+
+    def capture(fn, generator, device):
+        captured.append(fake_capture(fn, generator, device)[0])
+        return captured[-1], captured[-1].out
+
+    def make_step(model, state, use_cuda_graph=None):
+        eager = lambda t: state.select(model.decode_step(t))
+        return eager if use_cuda_graph is False else cuda_graph.make_graph_step(model, state, eager)
+
+    monkeypatch.setattr(cuda_graph, "_require_cuda", lambda device: None)
+    monkeypatch.setattr(cuda_graph, "_capture", capture)
+    monkeypatch.setattr(generation, "make_step", make_step)
+    return captured
+
+
+def test_graph_step_plumbing_greedy_ragged_and_reuse(fake_cuda):
+    """Greedy with a repetition penalty (the history matters) and an EOS some rows hit (flags and the
+    step counter matter): graph steps match eager, and a second call reuses the graph's buffers."""
+    model = tiny_gpt2()
+    ids, mask = _ragged_batch("cpu")
+    kw = dict(max_new_tokens=12, repetition_penalty=1.5, eos_token_id=34)
+    eager = generate(model, ids, mask, use_cuda_graph=False, **kw)
+    assert (eager == 34).any() and not (eager == 34).any(1).all(), "test wants some rows, not all, to stop"
+    assert fake_cuda == []
+    first = generate(model, ids, mask, **kw)
+    assert torch.equal(first, eager)
+    entry = _only_entry(model)
+    assert len(fake_cuda) == 1 and entry.graph is fake_cuda[0]
+    replays = entry.replays
+    assert replays == fake_cuda[0].replays == kw["max_new_tokens"] - 1
+    second = generate(model, ids, mask, **kw)  # reuses the graph: the new state is re-pointed at its buffers
+    assert torch.equal(second, eager)
+    assert len(fake_cuda) == 1 and _only_entry(model) is entry and entry.replays == 2 * replays
+
+
+def test_graph_step_plumbing_sampling_default_generator(fake_cuda):
+    model = tiny_gpt2()
+    ids, mask = _ragged_batch("cpu")
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    torch.manual_seed(5)
+    eager = generate(model, ids, mask, use_cuda_graph=False, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(generate(model, ids, mask, **kw), eager)  # warm-up and capture left the RNG alone
+    assert len(fake_cuda) == 1
+
+
+def test_capture_failure_falls_back_to_eager(fake_cuda, monkeypatch):
+    def broken(fn, generator, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graph, "_capture", broken)
+    model = tiny_gpt2()
+    ids, mask = _ragged_batch("cpu")
+    eager = generate(model, ids, mask, max_new_tokens=8, use_cuda_graph=False)
+    with pytest.warns(UserWarning, match="capture of the decode step failed"):
+        got = generate(model, ids, mask, max_new_tokens=8)
+    assert torch.equal(got, eager)  # the failed warm-up/capture left no trace in the cache or state
+    assert list(cuda_graph.graph_cache(model).values()) == [cuda_graph._FAILED]
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=8), eager)  # eager from then on, no retry
+
+
+# ---- GPU: graph replay against the eager step (UNVERIFIED here) ------------------------------------------
 
 
 @pytest.mark.gpu
