@@ -46,6 +46,8 @@ def _is_ignored(name: str) -> bool:
 def _build_empty(config: GPT2Config, dtype: torch.dtype, backend: str | None):
     from gpt2fast.model import GPT2
 
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     with torch.device("meta"):
         return GPT2(config, backend=backend).to(dtype)
 
@@ -95,7 +97,12 @@ def _open_safetensors(path: Path) -> _Source:
 
 def _open_torch_bin(path: Path) -> _Source:
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: tensors are paged in as they are converted
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)  # pre-1.6 (non-zip) format
     except Exception as exc:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -260,6 +267,6 @@ def save_pretrained(model, directory: str | Path) -> None:
         t = p.detach().t() if _is_conv1d(name) else p.detach()
         tensors[_PREFIX + name] = t.to("cpu").contiguous()
     cfg = model.config.to_hf_dict()
-    cfg["torch_dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
+    cfg["dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(tensors, str(directory / _SAFETENSORS), metadata={"format": "pt"})

@@ -27,7 +27,7 @@ def _write_checkpoint(directory, hf, tensors: dict[str, torch.Tensor], fmt: str 
     if fmt == "safetensors":
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
     else:
-        torch.save(tensors, directory / "pytorch_model.bin")
+        torch.save(tensors, directory / "pytorch_model.bin", _use_new_zipfile_serialization=fmt == "bin")
     return directory
 
 
@@ -68,7 +68,7 @@ def test_loads_transformers_save_pretrained(tmp_path):
     assert (_logits(model, ids) - _logits(hf, ids)).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "legacy-bin"])
 @pytest.mark.parametrize("prefix", [True, False])
 def test_loads_both_formats_with_or_without_prefix(tmp_path, fmt, prefix):
     hf = hf_model("h1_v64")
@@ -91,6 +91,15 @@ def test_weight_file_path_dtype_and_device(tmp_path):
     assert {p.device.type for p in half.parameters()} == {"cpu"}
     assert torch.equal(half.h[0].attn.c_attn.weight, model.h[0].attn.c_attn.weight.bfloat16())
     assert not any(p.requires_grad for p in half.parameters())
+
+
+def test_unsupported_dtype(tmp_path):
+    _, model = pair("h1_v64")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="dtype must be"):
+        GPT2.from_pretrained(tmp_path, dtype=torch.int8, quiet=True)
+    with pytest.raises(TypeError, match="dtype must be"):
+        GPT2.random("gpt2", dtype=torch.float64)
 
 
 def test_from_hf_defaults_to_the_models_dtype():
