@@ -195,6 +195,12 @@ class GPT2(nn.Module):
         step can be captured in a CUDA graph.  The caller keeps lengths below max_len.
         """
         cache = self.cache
+        if cache is None:
+            raise RuntimeError("call setup_cache(B, max_len) and prefill before decode_step")
+        if tokens.dim() != 1 or tokens.shape[0] != cache.batch_size or tokens.dtype.is_floating_point:
+            raise ValueError(
+                f"tokens must be integer ids [{cache.batch_size}], got {tokens.dtype} {list(tokens.shape)}"
+            )
         y = self._run(tokens[:, None], cache.seqlens.long()[:, None], "decode")
         cache.seqlens += 1
         return F.linear(y[:, 0], self.wte.weight)

@@ -150,6 +150,8 @@ def test_prefill_and_cache_errors():
     ids = random_ids(101, (2, 4))
     with pytest.raises(RuntimeError, match="setup_cache"):
         model.prefill(ids)
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model.decode_step(ids[:, 0])
     with pytest.raises(ValueError, match="max_len"):
         model.setup_cache(2, 49)
     with pytest.raises(ValueError, match="batch_size"):
@@ -162,3 +164,8 @@ def test_prefill_and_cache_errors():
         model.prefill(ids, torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="lengths"):
         model.prefill(ids, torch.tensor([5, 4]))
+    model.prefill(ids)
+    for bad in (ids[:1, 0], ids[:, :1], ids[:, 0].float()):
+        with pytest.raises(ValueError, match=r"tokens must be integer ids \[2\]"):
+            model.decode_step(bad)
+    assert model.cache.seqlens.tolist() == [4, 4]
