@@ -50,6 +50,22 @@ def test_generate_sampling_is_seeded(capsys):
     assert first[1] != other[1]  # 8 tokens from a flat 50257-way distribution: a collision is ~impossible
 
 
+def test_generate_stops_at_eos(capsys, monkeypatch):
+    tok = Tokenizer.default()
+    hello, world = tok.encode("Hello world")
+    steps = [hello, world, tok.eos_token_id, hello]
+
+    def fake_stream(self, input_ids, attention_mask=None, **kwargs):
+        assert kwargs["eos_token_id"] == tok.eos_token_id
+        return iter(torch.tensor([t]) for t in steps)
+
+    monkeypatch.setattr(GPT2, "generate_stream", fake_stream)
+    code, out, err = run(capsys, "generate", *TINY, "--prompt", ">", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert out == ">Hello world\n"
+    assert "3 tokens in" in err
+
+
 def test_generate_from_checkpoint_dir(tmp_path, capsys):
     GPT2.random(cli.size_config("tiny"), seed=0).save_pretrained(tmp_path)
     code, out, err = run(capsys, "generate", "--model", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "3")
