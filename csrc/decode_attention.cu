@@ -20,6 +20,7 @@ namespace g2f {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kUnroll = 4;  // keys per thread group per loop iteration
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T>
@@ -91,37 +92,46 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 #pragma unroll
   for (int i = 0; i < W; ++i) acc[i] = 0.f;
 
-  // The trip count is uniform over the block, so every lane reaches the group shuffles.
-  for (int t0 = start; t0 < end; t0 += NG) {
-    const int t = t0 + g;
-    const bool valid = t < end;
-    float k[W], v[W];
-    if (valid) {
-      const T* kp = t == pos_new ? kn : kc + t * p.kc_st;
-      const T* vp = t == pos_new ? vn : vc + t * p.vc_st;
-      const Vec<T> kv = load_vec(kp + dim0);
-      const Vec<T> vv = load_vec(vp + dim0);
+  // kUnroll keys per group per iteration: all their loads are issued before any math, to keep
+  // enough bytes in flight.  The trip count is uniform over the block, so every lane reaches the
+  // group shuffles.
+  for (int t0 = start; t0 < end; t0 += NG * kUnroll) {
+    Vec<T> kraw[kUnroll], vraw[kUnroll];
 #pragma unroll
-      for (int i = 0; i < W; ++i) {
-        k[i] = to_float(kv.v[i]);
-        v[i] = to_float(vv.v[i]);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int t = t0 + u * NG + g;
+      if (t < end) {
+        kraw[u] = load_vec((t == pos_new ? kn : kc + t * p.kc_st) + dim0);
+        vraw[u] = load_vec((t == pos_new ? vn : vc + t * p.vc_st) + dim0);
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; ++i) kraw[u].v[i] = vraw[u].v[i] = from_float<T>(0.f);
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < W; ++i) k[i] = v[i] = 0.f;
     }
-    float s = 0.f;
+    float s[kUnroll];
+    float mx = m;
 #pragma unroll
-    for (int i = 0; i < W; ++i) s = fmaf(q[i], k[i], s);
-    s = group_sum<G>(s);
-    if (valid) {
-      const float m_new = fmaxf(m, s);
-      const float corr = exp2f(m - m_new);  // m = -inf on the first key: corr = 0
-      const float pr = exp2f(s - m_new);
-      l = l * corr + pr;
+    for (int u = 0; u < kUnroll; ++u) {
+      float d = 0.f;
 #pragma unroll
-      for (int i = 0; i < W; ++i) acc[i] = fmaf(acc[i], corr, pr * v[i]);
-      m = m_new;
+      for (int i = 0; i < W; ++i) d = fmaf(q[i], to_float(kraw[u].v[i]), d);
+      d = group_sum<G>(d);
+      s[u] = t0 + u * NG + g < end ? d : -CUDART_INF_F;
+      mx = fmaxf(mx, s[u]);
+    }
+    if (mx != -CUDART_INF_F) {  // this group has at least one key in this iteration (or before)
+      const float corr = exp2f(m - mx);  // m = -inf before the first key: corr = 0
+      l *= corr;
+#pragma unroll
+      for (int i = 0; i < W; ++i) acc[i] *= corr;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const float pr = exp2f(s[u] - mx);  // an invalid key has s = -inf: pr = 0
+        l += pr;
+#pragma unroll
+        for (int i = 0; i < W; ++i) acc[i] = fmaf(pr, to_float(vraw[u].v[i]), acc[i]);
+      }
+      m = mx;
     }
   }
 
