@@ -151,6 +151,23 @@ def test_logits_low_precision_within_fa_rule_cuda(backend, dtype, counts):
     _check_low_precision(backend, dtype, "cuda", counts)
 
 
+@pytest.mark.parametrize(
+    "flags", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False, reorder_and_upcast_attn=True)]
+)
+def test_attention_scaling_flags_are_honoured(flags, counts):
+    """GPT-2's optional attention scalings reach gpt2fast's ``scale`` argument (prefill and decode)."""
+    model = tiny_model(**flags)
+    ids = _ids()
+    expected = _greedy(model, ids)
+    with torch.no_grad():
+        ref = model(ids).logits
+        patch_hf(model, backend="reference")
+        got = model(ids).logits
+    assert counts["attention"] == N_LAYER
+    assert_fa_close(got, ref)
+    assert torch.equal(_greedy(model, ids), expected)
+
+
 def test_unpatch_restores_exactly(counts):
     model = tiny_model()
     ids = _ids()
