@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt2fast import GPT2
-from gpt2fast.bench import e2e, kernels, report, roofline
+from gpt2fast.bench import e2e, kernels, report, roofline, timing
 from gpt2fast.bench.cli import add_bench_parser
 from gpt2fast.bench.results import load_json, new_document, run_metadata, validate
 from gpt2fast.bench.timing import rotating_copies, summarize
@@ -78,6 +78,50 @@ def test_summarize_quantiles():
     assert rotating_copies(1 << 20, CPU) == 1
     with pytest.raises(ValueError, match="times_ms"):
         summarize([], "perf_counter")
+
+
+class _FakeTritonTesting:
+    """Stands in for ``triton.testing`` (no GPU here): records calls, returns fixed quantiles."""
+
+    def __init__(self, eager_ms: float, graph_fails: bool = False) -> None:
+        self.eager_ms, self.graph_fails, self.graph_calls = eager_ms, graph_fails, 0
+
+    def do_bench(self, fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        fn()
+        return [self.eager_ms, 0.9 * self.eager_ms, 1.2 * self.eager_ms]
+
+    def do_bench_cudagraph(self, fn, rep=20, grad_to_none=None, quantiles=None, return_mode="mean"):
+        if self.graph_fails:
+            raise RuntimeError("capture failed")
+        for _ in range(5):
+            fn()
+            self.graph_calls += 1
+        return [0.004, 0.003, 0.005]
+
+
+def test_time_gpu_switches_to_a_cuda_graph_with_rotating_inputs_for_short_calls(monkeypatch):
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    fake = _FakeTritonTesting(eager_ms=0.01)
+    monkeypatch.setattr(timing, "_triton_testing", lambda: fake)
+    t = timing.time_gpu(fns[0], lambda: fns)
+    assert (t.timer, t.median_ms, t.p20_ms, t.p80_ms) == ("do_bench_cudagraph", 0.004, 0.003, 0.005)
+    assert calls == [0, 0, 1, 2, 0, 1]  # one eager call, then the graph cycles through the copies
+    slow = _FakeTritonTesting(eager_ms=1.0)
+    monkeypatch.setattr(timing, "_triton_testing", lambda: slow)
+    assert timing.time_gpu(fns[0], lambda: fns).timer == "do_bench" and slow.graph_calls == 0
+    broken = _FakeTritonTesting(eager_ms=0.01, graph_fails=True)
+    monkeypatch.setattr(timing, "_triton_testing", lambda: broken)
+    t = timing.time_gpu(fns[0], lambda: fns)
+    assert (t.timer, t.median_ms, t.p20_ms) == ("do_bench", 0.01, pytest.approx(0.009))
+
+
+def test_call_bench_without_quantiles_reports_the_median():
+    def old_do_bench(fn, warmup=25, rep=100, return_mode="mean"):
+        assert return_mode == "median"
+        return 2.5
+
+    assert timing._call_bench(old_do_bench, lambda: None, warmup=1, rep=2, nonsense=3) == (2.5, 2.5, 2.5)
 
 
 # ---- kernels -----------------------------------------------------------------------------

@@ -91,6 +91,7 @@ class Runner:
 
     generate: Callable[[torch.Tensor, int], torch.Tensor]
     prepare_step: Callable[[torch.Tensor], Callable[[], object]] | None
+    launches_note: str | None = None
 
 
 def _hf_runner(model, **extra) -> Runner:
@@ -145,15 +146,20 @@ def _own_factory(config, dtype, device, seed, backend: str | None, graph: bool) 
         if graph:
             importlib.import_module("gpt2fast.cuda_graph")  # without it generate would silently run eagerly
         model = GPT2.random(config, seed=seed, dtype=dtype, device=device, backend=backend)
-        return _gpt2fast_runner(model, use_cuda_graph=graph)
+        runner = _gpt2fast_runner(model, use_cuda_graph=graph)
+        if graph:  # the profiler would count the kernels inside the graph; the host launches it once
+            runner.prepare_step, runner.launches_note = None, "one CUDA graph launch per step"
+        return runner
 
     return make
 
 
 def _hf_compiled(config: GPT2Config, dtype: torch.dtype, device: torch.device, seed: int) -> Runner:
-    """transformers' recipe for fast generation: a static cache and a compiled forward."""
+    """transformers' recipe for fast generation: a static cache, with which ``generate`` compiles the
+    decoding forward itself (transformers >= 4.48 on CUDA); older versions get the forward compiled here."""
     model = build_hf(config, dtype, device, seed)
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    if not hasattr(model, "_valid_auto_compile_criteria"):
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     return _hf_runner(model, cache_implementation="static")
 
 
@@ -223,6 +229,8 @@ def measure(runner: Runner, ids: torch.Tensor, opts: Options, device: torch.devi
         rec["decode_tokens_per_s"] = batch * 1e3 / rec["decode_ms_per_token"]
     else:  # timing noise larger than the decode time (tiny runs on a busy CPU): no figure rather than a wrong one
         rec["note"] = f"decode time not resolved: t({opts.new} tokens) <= t(1 token); use more --new or --reps"
+    if runner.launches_note:
+        rec["launches_note"] = runner.launches_note
     if runner.prepare_step is not None:
         try:
             rec["launches_per_step"] = count_launches(runner.prepare_step(ids), device)

@@ -418,20 +418,26 @@ def run_case(
             sync(device)
             rec["check"] = check_output(case, out, ref32, base)
             del out
-            graph_fns = None
-            if device.type == "cuda":
-                n = rotating_copies(input_bytes(inputs), device)
-                graph_fns = [fn] + [prov(clone_inputs(inputs)) for _ in range(n - 1)]
-            rec["time"] = time_call(fn, device, graph_fns, quick=opts.quick_timing).as_dict()
+            rec["time"] = time_call(fn, device, _graph_fns(prov, inputs, fn, device), opts.quick_timing).as_dict()
             _derive(rec, peaks)
         except Exception as exc:  # a provider failing is data, not a crash
             rec["error"] = _error_text(exc)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-        finally:
-            graph_fns = None
     _speedups(records)
     return records
+
+
+def _graph_fns(prov: Provider, inputs: Inputs, fn: Fn, device: torch.device):
+    """For CUDA-graph timing: the call on enough copies of the inputs that each replayed call reads cold data."""
+    if device.type != "cuda":
+        return None
+
+    def make() -> list[Fn]:
+        n = rotating_copies(input_bytes(inputs), device)
+        return [fn] + [prov(clone_inputs(inputs)) for _ in range(n - 1)]
+
+    return make
 
 
 def _speedups(records: list[dict]) -> None:

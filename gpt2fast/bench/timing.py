@@ -101,28 +101,34 @@ def _call_bench(bench: Callable, fn: Callable[[], object], **kwargs) -> tuple[fl
     return med, med, med
 
 
+#: Makes the same call bound to rotating, cold argument sets (built only when a CUDA graph is used).
+GraphFns = Callable[[], Sequence[Callable[[], object]]]
+
+
 def time_gpu(
     fn: Callable[[], object],
-    graph_fns: Sequence[Callable[[], object]] | None = None,
+    graph_fns: GraphFns | None = None,
     warmup_ms: int = 25,
     rep_ms: int = 100,
+    graph_rep_ms: int = 20,
 ) -> Timing:
     """Time a CUDA call with ``triton.testing.do_bench`` (L2 flushed before every call).
 
-    If the median is under :data:`CUDAGRAPH_BELOW_MS` and ``graph_fns`` is given (the
-    same call bound to rotating, cold argument sets), the call is re-timed with
-    ``do_bench_cudagraph`` cycling through them; if capture fails the eager figure stays.
+    If the median is under :data:`CUDAGRAPH_BELOW_MS` and ``graph_fns`` is given, the call
+    is re-timed with ``do_bench_cudagraph`` cycling through the calls ``graph_fns()`` makes
+    (one per cold argument set); if capture fails the eager figure stays.
     """
     tt = _triton_testing()
     med, p20, p80 = _call_bench(tt.do_bench, fn, warmup=warmup_ms, rep=rep_ms)
     timing = Timing(med, p20, p80, "do_bench")
-    if med >= CUDAGRAPH_BELOW_MS or not graph_fns:
+    if med >= CUDAGRAPH_BELOW_MS or graph_fns is None:
         return timing
-    cycle = itertools.cycle(graph_fns)
     try:
-        g_med, g_p20, g_p80 = _call_bench(tt.do_bench_cudagraph, lambda: next(cycle)(), rep=rep_ms)
+        cycle = itertools.cycle(graph_fns())
+        g_med, g_p20, g_p80 = _call_bench(tt.do_bench_cudagraph, lambda: next(cycle)(), rep=graph_rep_ms)
     except Exception:  # capture is not possible for every provider (host syncs, allocator); keep eager
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         return timing
     return Timing(g_med, g_p20, g_p80, "do_bench_cudagraph")
 
@@ -156,10 +162,12 @@ def sync(device: torch.device) -> None:
 def time_call(
     fn: Callable[[], object],
     device: torch.device,
-    graph_fns: Sequence[Callable[[], object]] | None = None,
+    graph_fns: GraphFns | None = None,
     quick: bool = False,
 ) -> Timing:
     """Time ``fn`` on ``device``: :func:`time_gpu` on CUDA, :func:`time_cpu` elsewhere."""
     if device.type == "cuda":
-        return time_gpu(fn, graph_fns, warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
+        if quick:
+            return time_gpu(fn, graph_fns, warmup_ms=10, rep_ms=40, graph_rep_ms=10)
+        return time_gpu(fn, graph_fns, warmup_ms=25, rep_ms=100, graph_rep_ms=40)
     return time_cpu(fn, reps=3 if quick else 5)
