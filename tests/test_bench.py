@@ -106,8 +106,9 @@ def test_time_gpu_switches_to_a_cuda_graph_with_rotating_inputs_for_short_calls(
     monkeypatch.setattr(timing, "_triton_testing", lambda: fake)
     t = timing.time_gpu(fns[0], lambda: fns)
     assert (t.timer, t.median_ms, t.p20_ms, t.p80_ms) == ("do_bench_cudagraph", 0.004, 0.003, 0.005)
+    assert t.eager_median_ms == 0.01
     assert calls == [0, 0, 1, 2, 0, 1]  # one eager call, then the graph cycles through the copies
-    slow = _FakeTritonTesting(eager_ms=1.0)
+    slow = _FakeTritonTesting(eager_ms=2 * timing.CUDAGRAPH_BELOW_MS)
     monkeypatch.setattr(timing, "_triton_testing", lambda: slow)
     assert timing.time_gpu(fns[0], lambda: fns).timer == "do_bench" and slow.graph_calls == 0
     broken = _FakeTritonTesting(eager_ms=0.01, graph_fails=True)

@@ -249,41 +249,50 @@ def _roofline(rec: dict, config: GPT2Config, opts: Options, peaks: dict | None) 
         rec["roofline_fraction"] = floor_ms / rec["decode_ms_per_token"]
 
 
-def iter_records(device: torch.device, opts: Options, peaks: dict | None) -> Iterator[dict]:
-    """Run every (size, batch, provider), yielding one record each."""
-    opts.validate()
+#: Providers run after every other (size, batch): compiling is slow, and a time-boxed run keeps the rest.
+SLOW = ("transformers+static+compile",)
+
+
+def _plan(opts: Options, device: torch.device) -> list[tuple[str, GPT2Config, int, str, Callable[[], Runner]]]:
+    """(size, config, batch, provider, factory) in run order: the slow providers last."""
+    plan = []
     for size in opts.sizes:
         config = resolve_config(size)
         for batch in opts.batches:
-            g = torch.Generator(device="cpu").manual_seed(opts.seed)
-            ids = torch.randint(0, config.vocab_size, (batch, opts.prompt), generator=g).to(device)
-            recs = []
             for name, factory in providers(config, opts, device, batch):
-                if opts.providers is not None and name not in opts.providers:
-                    continue
-                opts.log(f"e2e {size} batch={batch} {name}")
-                rec = _record(size, name, opts, batch)
-                try:
-                    measure(factory(), ids, opts, device, rec)
-                    _roofline(rec, config, opts, peaks)
-                except Exception as exc:  # a failing provider is recorded, not fatal
-                    rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                        torch.cuda.empty_cache()
-                recs.append(rec)
-            _speedups(recs)
-            yield from recs
+                if opts.providers is None or name in opts.providers:
+                    plan.append((size, config, batch, name, factory))
+    return sorted(plan, key=lambda p: p[3] in SLOW)  # stable: otherwise the given order
 
 
-def _speedups(recs: list[dict]) -> None:
-    """Decode tokens/s of every provider over transformers eager's (same size and batch)."""
-    base = next((r for r in recs if r["provider"] == EAGER and r["error"] is None), None)
-    if base is None:
+def iter_records(device: torch.device, opts: Options, peaks: dict | None) -> Iterator[dict]:
+    """Run every (size, batch, provider), yielding one record each (transformers eager first in a group)."""
+    opts.validate()
+    eager: dict[tuple[str, int], dict] = {}
+    for size, config, batch, name, factory in _plan(opts, device):
+        g = torch.Generator(device="cpu").manual_seed(opts.seed)
+        ids = torch.randint(0, config.vocab_size, (batch, opts.prompt), generator=g).to(device)
+        opts.log(f"e2e {size} batch={batch} {name}")
+        rec = _record(size, name, opts, batch)
+        try:
+            measure(factory(), ids, opts, device, rec)
+            _roofline(rec, config, opts, peaks)
+        except Exception as exc:  # a failing provider is recorded, not fatal
+            rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+        if name == EAGER and rec["error"] is None:
+            eager[(size, batch)] = rec
+        _speedup(rec, eager.get((size, batch)))
+        yield rec
+
+
+def _speedup(rec: dict, base: dict | None) -> None:
+    """Tokens/s of ``rec`` over transformers eager's (same size and batch), decode and end to end."""
+    if base is None or rec is base or rec["error"] is not None:
         return
-    for r in recs:
-        if r["error"] is None and r is not base:
-            r["speedup"] = {EAGER + " e2e": r["e2e_tokens_per_s"] / base["e2e_tokens_per_s"]}
-            if r["decode_tokens_per_s"] and base["decode_tokens_per_s"]:
-                r["speedup"][EAGER + " decode"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    rec["speedup"] = {EAGER + " e2e": rec["e2e_tokens_per_s"] / base["e2e_tokens_per_s"]}
+    if rec["decode_tokens_per_s"] and base["decode_tokens_per_s"]:
+        rec["speedup"][EAGER + " decode"] = rec["decode_tokens_per_s"] / base["decode_tokens_per_s"]
