@@ -73,29 +73,47 @@ __device__ __forceinline__ uint32_t lds32(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// Copy rows [row0, row0 + R) of a [T, D] slice (row stride `st`) into smem (pitch P), zero-filling
-// rows >= seqlen.  kTranspose stores element (r, c) at smem[c * P + r] instead of smem[r * P + c].
-template <typename T, int R, int D, int P, bool kTranspose, int kThreadsN>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t st, int row0, int seqlen) {
-  constexpr int W = Vec<T>::kSize;
-  constexpr int kPerRow = D / W;
-  for (int i = threadIdx.x; i < R * kPerRow; i += kThreadsN) {
-    const int r = i / kPerRow, c = (i % kPerRow) * W;
-    Vec<T> val;
-    if (row0 + r < seqlen) {
-      val = load_vec(g + static_cast<int64_t>(row0 + r) * st + c);
-    } else {
+// A tile of R rows x D columns of a [T, D] slice, staged in registers: each of the kThreadsN
+// threads holds kN 16-byte vectors.  load() reads global memory (rows >= seqlen are zeros);
+// store() writes shared memory with pitch P, transposed (element (r, c) at smem[c * P + r]) or not.
+// Splitting the two lets the next tile's loads be in flight while the current tile is computed.
+template <typename T, int R, int D, int kThreadsN>
+struct TileRegs {
+  static constexpr int W = Vec<T>::kSize;
+  static constexpr int kPerRow = D / W;
+  static constexpr int kN = (R * kPerRow + kThreadsN - 1) / kThreadsN;
+  Vec<T> v[kN];
+
+  __device__ __forceinline__ void load(const T* g, int64_t st, int row0, int seqlen) {
 #pragma unroll
-      for (int e = 0; e < W; ++e) val.v[e] = from_float<T>(0.f);
-    }
-    if constexpr (kTranspose) {
+    for (int it = 0; it < kN; ++it) {
+      const int i = threadIdx.x + it * kThreadsN;
+      const int r = i / kPerRow, c = (i % kPerRow) * W;
+      if (i < R * kPerRow && row0 + r < seqlen) {
+        v[it] = load_vec(g + static_cast<int64_t>(row0 + r) * st + c);
+      } else {
 #pragma unroll
-      for (int e = 0; e < W; ++e) smem[(c + e) * P + r] = val.v[e];
-    } else {
-      store_vec(smem + r * P + c, val);
+        for (int e = 0; e < W; ++e) v[it].v[e] = from_float<T>(0.f);
+      }
     }
   }
-}
+
+  template <int P, bool kTranspose>
+  __device__ __forceinline__ void store(T* smem) const {
+#pragma unroll
+    for (int it = 0; it < kN; ++it) {
+      const int i = threadIdx.x + it * kThreadsN;
+      if (i >= R * kPerRow) continue;
+      const int r = i / kPerRow, c = (i % kPerRow) * W;
+      if constexpr (kTranspose) {
+#pragma unroll
+        for (int e = 0; e < W; ++e) smem[(c + e) * P + r] = v[it].v[e];
+      } else {
+        store_vec(smem + r * P + c, v[it]);
+      }
+    }
+  }
+};
 
 // ------------------------------------------------------------------ fp16 / bf16 kernel
 constexpr int kBM = 64;
@@ -133,7 +151,11 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
   const T* kg = p.k + b * p.k_sb + h * p.k_sh;
   const T* vg = p.v + b * p.v_sb + h * p.v_sh;
 
-  load_tile<T, kBM, D, QP, false, kMmaThreads>(sQ, qg, p.q_st, q_start, T_);
+  {
+    TileRegs<T, kBM, D, kMmaThreads> qr;
+    qr.load(qg, p.q_st, q_start, T_);
+    qr.template store<QP, false>(sQ);
+  }
   __syncthreads();
   uint32_t qa[KD][4];
   {
@@ -155,11 +177,18 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
   for (int j = 0; j < ND; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
   const int n_end = p.causal ? min(T_, q_start + kBM) : T_;
+  TileRegs<T, BN, D, kMmaThreads> kr, vr;
+  kr.load(kg, p.k_st, 0, T_);
+  vr.load(vg, p.v_st, 0, T_);
   for (int n_start = 0; n_start < n_end; n_start += BN) {
     __syncthreads();  // the previous tile's sK/sVt are no longer read
-    load_tile<T, BN, D, QP, false, kMmaThreads>(sK, kg, p.k_st, n_start, T_);
-    load_tile<T, BN, D, VP, true, kMmaThreads>(sVt, vg, p.v_st, n_start, T_);
+    kr.template store<QP, false>(sK);
+    vr.template store<VP, true>(sVt);
     __syncthreads();
+    if (n_start + BN < n_end) {  // prefetch the next tile; the loads overlap the math below
+      kr.load(kg, p.k_st, n_start + BN, T_);
+      vr.load(vg, p.v_st, n_start + BN, T_);
+    }
 
     float s[NS][4];
 #pragma unroll
@@ -369,19 +398,7 @@ int attention(int dtype, const void* q, const void* k, const void* v, void* out,
     p.seqlen = seqlen;
     p.causal = causal;
     p.scale_log2 = scale * kLog2e;
-    switch (head_dim) {
-      case 32:
-        launch<T, 32>(p, batch, s);
-        break;
-      case 64:
-        launch<T, 64>(p, batch, s);
-        break;
-      case 128:
-        launch<T, 128>(p, batch, s);
-        break;
-      default:
-        return static_cast<int>(cudaErrorInvalidValue);
-    }
+    G2F_DISPATCH_HEAD_DIM(head_dim, D, launch<T, D>(p, batch, s));
   });
   return launch_status();
 }

@@ -142,3 +142,23 @@ inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
     default:                                                               \
       return static_cast<int>(cudaErrorInvalidValue);                      \
   }
+
+// Run `__VA_ARGS__` with `constexpr int D` bound to head dim `d` (32, 64 or 128); any other
+// value returns cudaErrorInvalidValue.
+#define G2F_DISPATCH_HEAD_DIM(d, D, ...)               \
+  switch (d) {                                         \
+    case 32: {                                         \
+      constexpr int D = 32;                            \
+      __VA_ARGS__;                                     \
+    } break;                                           \
+    case 64: {                                         \
+      constexpr int D = 64;                            \
+      __VA_ARGS__;                                     \
+    } break;                                           \
+    case 128: {                                        \
+      constexpr int D = 128;                           \
+      __VA_ARGS__;                                     \
+    } break;                                           \
+    default:                                           \
+      return static_cast<int>(cudaErrorInvalidValue);  \
+  }

@@ -237,19 +237,7 @@ int decode_attention(int dtype, const void* q, const int64_t* q_strides, void* k
     p.num_splits = num_splits;
     p.chunk = ceil_div(t_max, num_splits);
     p.scale_log2 = scale * kLog2e;
-    switch (head_dim) {
-      case 32:
-        launch<T, 32>(p, batch, s);
-        break;
-      case 64:
-        launch<T, 64>(p, batch, s);
-        break;
-      case 128:
-        launch<T, 128>(p, batch, s);
-        break;
-      default:
-        return static_cast<int>(cudaErrorInvalidValue);
-    }
+    G2F_DISPATCH_HEAD_DIM(head_dim, D, launch<T, D>(p, batch, s));
   });
   return launch_status();
 }

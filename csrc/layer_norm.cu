@@ -1,7 +1,8 @@
 // Fused (residual add +) LayerNorm: one warp per row for short rows, one block per row for long
 // ones.  128-bit loads when n and every pointer/stride allow it, scalar loads otherwise.
-// Statistics in fp32 with a shifted two-moment sum (shift = the row's first element), so the
-// variance does not suffer from cancellation when |mean| >> std.
+// Statistics in fp32 and exact two-pass (mean, then mean squared deviation), so the variance has
+// no cancellation even when |mean| >> std; the second and third reads of the row hit L1/L2.
+// The statistics use the unrounded fp32 x + residual; h is written rounded to the input dtype.
 #include "common.cuh"
 
 namespace g2f {
@@ -33,6 +34,26 @@ struct Chunk {
   }
 };
 
+// f = x[off..] (+ residual[off..]) in fp32, for one chunk.
+template <typename T, bool kVec, bool kResidual>
+__device__ __forceinline__ void load_sum(const T* xr, const T* rr, int64_t off, float (&f)[Chunk<T, kVec>::kSize]) {
+  Chunk<T, kVec> a;
+  a.load(xr + off);
+#pragma unroll
+  for (int i = 0; i < Chunk<T, kVec>::kSize; ++i) f[i] = to_float(a.v[i]);
+  if constexpr (kResidual) {
+    Chunk<T, kVec> r;
+    r.load(rr + off);
+#pragma unroll
+    for (int i = 0; i < Chunk<T, kVec>::kSize; ++i) f[i] += to_float(r.v[i]);
+  }
+}
+
+// Sum over the threads that share a row: the warp, or the whole 1-D block (uniform branch).
+__device__ __forceinline__ float row_sum(float v, float* scratch) {
+  return blockDim.x == 32 ? warp_sum(v) : block_sum(v, scratch);
+}
+
 // Each row is handled by blockDim.x threads (32 = a warp, then blockDim.y rows per block; or a
 // whole 1-D block of >32 threads, then blockDim.y == 1 and gridDim.x == rows).
 template <typename T, bool kVec, bool kResidual>
@@ -48,66 +69,45 @@ __global__ void layer_norm_kernel(const T* __restrict__ x, int64_t x_stride, con
   const T* rr = kResidual ? residual + row * res_stride : nullptr;
   const int nchunks = n / C::kSize;
 
-  float shift = to_float(xr[0]);
-  if constexpr (kResidual) shift += to_float(rr[0]);
+  const float inv_n = 1.f / static_cast<float>(n);
 
-  // Pass 1: shifted sums (and h = x + residual, rounded to T, written out).
-  float s1 = 0.f, s2 = 0.f;
+  // Pass 1: the mean (and h = x + residual, rounded to T, written out).
+  float s1 = 0.f;
   for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
     const int64_t off = static_cast<int64_t>(c) * C::kSize;
-    C a;
-    a.load(xr + off);
     float f[C::kSize];
-#pragma unroll
-    for (int i = 0; i < C::kSize; ++i) f[i] = to_float(a.v[i]);
+    load_sum<T, kVec, kResidual>(xr, rr, off, f);
     if constexpr (kResidual) {
-      C r;
-      r.load(rr + off);
       C hs;
 #pragma unroll
-      for (int i = 0; i < C::kSize; ++i) {
-        f[i] += to_float(r.v[i]);
-        hs.v[i] = from_float<T>(f[i]);
-      }
+      for (int i = 0; i < C::kSize; ++i) hs.v[i] = from_float<T>(f[i]);
       hs.store(h + row * static_cast<int64_t>(n) + off);
     }
 #pragma unroll
-    for (int i = 0; i < C::kSize; ++i) {
-      const float d = f[i] - shift;
-      s1 += d;
-      s2 += d * d;
-    }
+    for (int i = 0; i < C::kSize; ++i) s1 += f[i];
   }
-  if (blockDim.x == 32) {
-    s1 = warp_sum(s1);
-    s2 = warp_sum(s2);
-  } else {
-    s1 = block_sum(s1, scratch[0]);
-    s2 = block_sum(s2, scratch[1]);
-  }
-  const float inv_n = 1.f / static_cast<float>(n);
-  const float dmean = s1 * inv_n;
-  const float var = fmaxf(s2 * inv_n - dmean * dmean, 0.f);
-  const float mean = shift + dmean;
-  const float rstd = rsqrtf(var + eps);
+  const float mean = row_sum(s1, scratch[0]) * inv_n;
 
-  // Pass 2: re-read (from L1/L2) and normalise in fp32.
+  // Pass 2: the variance as the mean of squared deviations (no cancellation); the row is
+  // re-read from L1/L2.
+  float s2 = 0.f;
+  for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+    float f[C::kSize];
+    load_sum<T, kVec, kResidual>(xr, rr, static_cast<int64_t>(c) * C::kSize, f);
+#pragma unroll
+    for (int i = 0; i < C::kSize; ++i) s2 = fmaf(f[i] - mean, f[i] - mean, s2);
+  }
+  const float rstd = rsqrtf(row_sum(s2, scratch[1]) * inv_n + eps);
+
+  // Pass 3: normalise in fp32.
   T* yr = y + row * static_cast<int64_t>(n);
   for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
     const int64_t off = static_cast<int64_t>(c) * C::kSize;
-    C a, w, b, out;
-    a.load(xr + off);
+    C w, b, out;
     w.load(weight + off);
     b.load(bias + off);
     float f[C::kSize];
-#pragma unroll
-    for (int i = 0; i < C::kSize; ++i) f[i] = to_float(a.v[i]);
-    if constexpr (kResidual) {
-      C r;
-      r.load(rr + off);
-#pragma unroll
-      for (int i = 0; i < C::kSize; ++i) f[i] += to_float(r.v[i]);
-    }
+    load_sum<T, kVec, kResidual>(xr, rr, off, f);
 #pragma unroll
     for (int i = 0; i < C::kSize; ++i)
       out.v[i] = from_float<T>((f[i] - mean) * rstd * to_float(w.v[i]) + to_float(b.v[i]));
