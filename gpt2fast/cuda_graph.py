@@ -103,6 +103,8 @@ class _Snapshot:
     """Values of the model cache's lengths, the state's tensors and the RNG, to undo a warm-up."""
 
     def __init__(self, model, state: object) -> None:
+        self.cache = model.cache
+        self.host_max = model.cache.host_max
         self.targets = [model.cache.seqlens, *state_tensors(state).values()]
         self.values = [t.clone() for t in self.targets]
         self.generator = getattr(state, "generator", None)
@@ -117,7 +119,8 @@ class _Snapshot:
         return torch.get_rng_state()
 
     def restore_tensors(self) -> None:
-        """Put back the cache lengths and the decode state's tensors."""
+        """Put back the cache lengths (device and host bound) and the decode state's tensors."""
+        self.cache.host_max = self.host_max
         for t, v in zip(self.targets, self.values):
             t.copy_(v)
 
@@ -215,8 +218,13 @@ class GraphStep:
                 self.failed = True
                 self.on_failure(exc)
                 return self.eager_step(tokens)
+        cache = self.model.cache
+        host_max = cache.host_max  # the replay advances the device lengths; keep the host bound in step
+        if host_max >= cache.max_len:  # the same refusal as the eager decode_step, without a sync
+            raise ValueError(f"the KV cache is full ({cache.max_len} positions); cannot decode another token")
         self.static_in.copy_(tokens)
         self.graph.replay()
+        cache.host_max = host_max + 1
         self.replays += 1
         return self.static_out.clone()  # the buffer is overwritten by the next replay
 

@@ -25,6 +25,7 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
     seqlens: torch.Tensor
+    host_max: int = 0  # host-side upper bound of seqlens: lets decode_step refuse an overflow without a sync
 
     @property
     def batch_size(self) -> int:
@@ -71,7 +72,14 @@ class CausalSelfAttention(nn.Module):
         if mode == "decode":  # T == 1: attend to the cache, appending k/v at each sequence's length
             cache = model.cache
             y = ops.decode_attention(
-                q[:, 0], cache.k[layer], cache.v[layer], cache.seqlens, k[:, 0], v[:, 0], backend=model.backend
+                q[:, 0],
+                cache.k[layer],
+                cache.v[layer],
+                cache.seqlens,
+                k[:, 0],
+                v[:, 0],
+                backend=model.backend,
+                check_seqlens=False,  # decode_step checked the host-side bound once for all layers
             )
             y = y.view(B, 1, C)
         else:
@@ -161,6 +169,7 @@ class GPT2(nn.Module):
                 torch.zeros(batch_size, dtype=torch.int32, device=p.device),
             )
         cache.seqlens.zero_()
+        cache.host_max = 0
         self.cache = cache
         return cache
 
@@ -180,10 +189,12 @@ class GPT2(nn.Module):
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int32, device=input_ids.device)
         lengths = lengths.to(device=input_ids.device, dtype=torch.int32)
-        if int(lengths.min()) < 1 or int(lengths.max()) > T:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > T:
             raise ValueError(f"lengths must lie in [1, {T}], got {lengths.tolist()}")
         y = self._run(input_ids, torch.arange(T, device=input_ids.device), "prefill")
         self.cache.seqlens.copy_(lengths)
+        self.cache.host_max = hi
         last = y[torch.arange(B, device=y.device), lengths.long() - 1]
         return F.linear(last, self.wte.weight)
 
@@ -192,7 +203,8 @@ class GPT2(nn.Module):
         """Append one token per sequence (``[B]``) to the cache; returns next-token logits ``[B, V]``.
 
         No host synchronisation: positions come from the on-device cache lengths, so the
-        step can be captured in a CUDA graph.  The caller keeps lengths below max_len.
+        step can be captured in a CUDA graph.  A full cache is refused through the host-side
+        bound ``cache.host_max``.
         """
         cache = self.cache
         if cache is None:
@@ -201,8 +213,11 @@ class GPT2(nn.Module):
             raise ValueError(
                 f"tokens must be integer ids [{cache.batch_size}], got {tokens.dtype} {list(tokens.shape)}"
             )
+        if cache.host_max >= cache.max_len:
+            raise ValueError(f"the KV cache is full ({cache.max_len} positions); cannot decode another token")
         y = self._run(tokens[:, None], cache.seqlens.long()[:, None], "decode")
         cache.seqlens += 1
+        cache.host_max += 1
         return F.linear(y[:, 0], self.wte.weight)
 
     # ---- loading, saving, generation (the logic lives in loading.py / generation.py) ----

@@ -18,6 +18,8 @@ settings.register_profile("extended", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
+# Tiny test models gain nothing from intra-op threads, and on a 2-core machine they thrash.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

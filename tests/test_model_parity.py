@@ -169,3 +169,17 @@ def test_prefill_and_cache_errors():
         with pytest.raises(ValueError, match=r"tokens must be integer ids \[2\]"):
             model.decode_step(bad)
     assert model.cache.seqlens.tolist() == [4, 4]
+
+
+def test_decode_step_refuses_a_full_cache_without_touching_it():
+    """The host-side bound stops an overflowing append before any op runs; the cache is unchanged."""
+    _, model = pair("h3_v101")
+    ids = random_ids(101, (2, 4))
+    model.setup_cache(2, 5)
+    model.prefill(ids, torch.tensor([4, 2]))
+    model.decode_step(ids[:, 0])  # the longer sequence now fills all 5 positions
+    k_before = model.cache.k.clone()
+    with pytest.raises(ValueError, match="KV cache is full"):
+        model.decode_step(ids[:, 1])
+    assert model.cache.seqlens.tolist() == [5, 3]
+    assert torch.equal(model.cache.k, k_before)

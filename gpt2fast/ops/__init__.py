@@ -83,6 +83,7 @@ def decode_attention(
     v_new: torch.Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    check_seqlens: bool = True,
 ) -> torch.Tensor:
     """Single-token attention against a KV cache (``flash_attn_with_kvcache`` semantics).
 
@@ -90,6 +91,10 @@ def decode_attention(
     When ``k_new``/``v_new`` ([B, H, D]) are given they are written into the caches at
     ``cache_seqlens[b]`` and attention covers ``cache_seqlens[b] + 1`` positions.
     ``cache_seqlens`` is not modified.  Returns [B, H, D].
+
+    The values of ``cache_seqlens`` are range-checked, which reads them back to the host.  A caller
+    that already guarantees ``0 <= cache_seqlens[b] (+1 when appending) <= T_max`` (the model does, with
+    a host-side bound) passes ``check_seqlens=False`` to avoid that sync on every layer.
     """
-    _validate.decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+    _validate.decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, check_seqlens)
     return resolve(backend, q.device).decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)

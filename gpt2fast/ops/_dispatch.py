@@ -59,7 +59,10 @@ def backend_status(name: str, device: torch.device | str | None = None) -> Backe
         raise
     except Exception as exc:  # an import error says why the backend is missing
         return BackendStatus(name, False, f"cannot import {_MODULES[name]}: {exc}")
-    ok, reason = mod.is_available(device)
+    try:
+        ok, reason = mod.is_available(device)
+    except Exception as exc:  # a broken backend is reported, never fatal to "auto"
+        return BackendStatus(name, False, f"availability check failed: {type(exc).__name__}: {exc}")
     return BackendStatus(name, ok, reason)
 
 

@@ -98,11 +98,11 @@ def _check_scale(scale) -> None:
         raise ValueError(f"scale must be None or a positive number, got {scale!r}")
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> None:
+def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, check_seqlens=True) -> None:
     """Checks for ``ops.decode_attention``.
 
-    The values of ``cache_seqlens`` are checked too (needs a device-to-host copy),
-    except while a CUDA graph is being captured, where the caller owns them.
+    The values of ``cache_seqlens`` are checked too (needs a device-to-host copy), unless
+    ``check_seqlens`` is False or a CUDA graph is being captured, where the caller owns them.
     """
     check_float("q", q)
     check_rank("q", q, 3, "[B, H, D]")
@@ -129,7 +129,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) ->
     if cache_seqlens.device != q.device:
         raise RuntimeError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
     _check_scale(scale)
-    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if not check_seqlens or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return
     lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     limit = t_max - 1 if k_new is not None else t_max
