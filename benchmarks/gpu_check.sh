@@ -95,7 +95,7 @@ run_step() {
         124|137) status=TIMEOUT; note="killed after ${limit}s" ;;
         *) status=FAIL; note="exit $rc: $(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | cut -c1-160)" ;;
     esac
-    note="${note//|//}"
+    note="$(printf '%s' "${note//|//}" | tr -d '\000-\037')"  # one table cell: no pipes, no control characters
     STEPS+=("$name|$status|$(($(date +%s) - t0))|$note")
     echo "   $status $note" | tee -a "$LOGS/steps.log"
 }
@@ -236,13 +236,18 @@ FAILED=0
     [ -f "$WORK/results.md" ] && cat "$WORK/results.md"
 } >"$OUT/summary.md"
 
-"$PYTHON" - "$OUT/status.json" "${STEPS[@]}" <<'EOF'
-import json, sys
-steps = [dict(zip(("step", "status", "seconds", "note"), s.split("|", 3))) for s in sys.argv[2:]]
-for s in steps:
-    s["seconds"] = int(s["seconds"])
-json.dump({"steps": steps, "ok": all(s["status"] in ("PASS", "SKIP") for s in steps)}, open(sys.argv[1], "w"), indent=1)
-EOF
+json_str() { local v="${1//\\/\\\\}"; v="${v//\"/\\\"}"; printf '"%s"' "${v//$'\t'/ }"; }
+{
+    echo '{"steps": ['
+    sep=""
+    for s in "${STEPS[@]}"; do
+        IFS='|' read -r name status secs note <<<"$s"
+        printf '%s {"step": %s, "status": %s, "seconds": %s, "note": %s}' "$sep" "$(json_str "$name")" \
+            "$(json_str "$status")" "$secs" "$(json_str "$note")"
+        sep=$',\n'
+    done
+    printf '\n], "ok": %s}\n' "$([ "$FAILED" = 0 ] && echo true || echo false)"
+} >"$OUT/status.json"
 
 for f in kernels.json e2e.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"; done
 # Keep each log's tail so the tarball stays far below the 16 MiB a file may have.

@@ -72,6 +72,20 @@ def test_traffic_of_a_ragged_decode_case_uses_its_lengths():
     assert inp["cache_seqlens"].tolist() == lens and inp["k_cache"].shape == (5, 2, 41, 64)
 
 
+def test_sweeps():
+    quick = kernels.cases("quick")
+    flags = [kernels.is_target(c) for c in quick]
+    assert any(flags) and flags == sorted(flags, reverse=True)  # target cases first
+    assert {c.op for c in quick if kernels.is_target(c)} == set(kernels.OPS)
+    full = kernels.cases("full")
+    assert {c.shape["n"] for c in full if c.op == "bias_gelu"} == {3072, 4096, 5120, 6400}
+    assert max(c.shape["rows"] for c in full if c.op == "layer_norm") == 65536
+    assert max(c.shape["seq"] for c in full if c.op == "attention") == 8192
+    assert max(c.shape["batch"] for c in full if c.op == "decode_attention") == 256
+    with pytest.raises(ValueError, match="sweep must be"):
+        kernels.cases("huge")
+
+
 def test_summarize_quantiles():
     t = summarize([5.0, 1.0, 3.0, 2.0, 4.0], "perf_counter")
     assert (t.median_ms, t.p20_ms, t.p80_ms) == (3.0, pytest.approx(1.8), pytest.approx(4.2))
