@@ -12,6 +12,8 @@ All tests need a CUDA device and the built extension; a GPU machine without the 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -140,7 +142,7 @@ def _decode_case(b, h, t_max, d, dtype, seqlens, append):
 
 
 def _check_decode(q, kc, vc, sl, kn, vn, scale=None):
-    kc32, vc32, kcb, vcb = kc.float(), vc.float(), kc.clone(), vc.clone()
+    kc32, vc32, kcb, vcb = kc.float().clone(), vc.float().clone(), kc.clone(), vc.clone()
     ref32 = reference.decode_attention(q.float(), kc32, vc32, sl, *_f32(kn, vn), scale)
     base = reference.decode_attention(q, kcb, vcb, sl, kn, vn, scale)
     sl_before = sl.clone()
@@ -215,6 +217,7 @@ def test_decode_cuda_graph_capture_and_replay():
         kcr, vcr = kc0.clone(), vc0.clone()
         base = reference.decode_attention(q, kcr, vcr, sl, kn, vn)
         ref32 = reference.decode_attention(q.float(), kc0.float(), vc0.float(), sl, kn.float(), vn.float())
+        assert kc0.dtype != torch.float32  # .float() above copied, so kc0 is still the pre-append cache
         assert_fa_close(out, ref32, base, msg=f"replay {step}")
         assert torch.equal(kc, kcr) and torch.equal(vc, vcr)
 
@@ -239,10 +242,21 @@ def test_torch_compile_through_custom_ops():
 
 # ----------------------------------------------------------------------------- whole model
 TINY = GPT2Config(vocab_size=301, n_positions=96, n_embd=128, n_layer=2, n_head=2)
+_BASE: dict[str, GPT2] = {}
 
 
 def _model(dtype, backend):
-    return GPT2.random(TINY, seed=0, dtype=dtype, device=DEV, backend=backend).eval()
+    """One fp32 model with every parameter random (biases and LayerNorm too), cast to ``dtype``."""
+    if "m" not in _BASE:
+        torch.manual_seed(0)
+        m = GPT2(TINY).to(DEV).eval().requires_grad_(False)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        _BASE["m"] = m
+    model = copy.deepcopy(_BASE["m"]).to(dtype)
+    model.backend = backend
+    return model
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -110,6 +110,13 @@ def test_attention_misaligned(ext):
         cuda.attention(k, k.transpose(2, 3).contiguous().transpose(2, 3)[..., :8, :], k, True, None)
 
 
+def test_size_one_dims_may_have_any_stride(launch_ok):
+    base = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    q = base.as_strided((1, 2, 8, 64), (3, 512, 64, 1))  # batch of 1 with an odd (unused) stride
+    cuda.attention(q, base, base, True, None)
+    assert launch_ok.attention.call_args.args[9] == [3, 512, 64]
+
+
 def test_attention_cpu_refused(ext):
     q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
     with pytest.raises(cuda.CudaBackendError, match="q is a cpu tensor"):

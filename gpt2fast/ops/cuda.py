@@ -153,7 +153,7 @@ def _check_vec_aligned(name: str, t: torch.Tensor, dims: int) -> None:
     w = _vec_elems(t)
     if t.data_ptr() % 16 != 0:
         raise ValueError(f"cuda backend: {name} must be 16-byte aligned (got data_ptr % 16 = {t.data_ptr() % 16})")
-    bad = [s for s in t.stride()[:dims] if s % w != 0]
+    bad = [s for s, n in zip(t.stride()[:dims], t.shape[:dims]) if n > 1 and s % w != 0]  # size-1 dims: any stride
     if bad:
         raise ValueError(
             f"cuda backend: {name} strides {tuple(t.stride())} must be multiples of {w} elements (16 bytes) "
