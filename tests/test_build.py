@@ -52,6 +52,14 @@ def test_no_cuda_env_skips_extension(setup_mod, monkeypatch):
     assert setup_mod.extensions() == []
 
 
+def test_missing_pybind11_skips_extension(setup_mod, monkeypatch):
+    monkeypatch.setattr(setup_mod, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.setattr(setup_mod, "_have_pybind11", lambda: False)
+    assert setup_mod.extensions() == []
+    monkeypatch.setattr(setup_mod, "_have_pybind11", lambda: True)
+    assert [e.name for e in setup_mod.extensions()] == ["gpt2fast._C"]
+
+
 def test_sources_listed(setup_mod):
     names = {p.name for p in setup_mod.cuda_sources()}
     assert {"layer_norm.cu", "bias_gelu.cu", "attention.cu", "decode_attention.cu"} <= names
