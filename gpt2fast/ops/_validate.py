@@ -7,6 +7,8 @@ was expected.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,8 +68,8 @@ def layer_norm(x, weight, bias, eps, residual) -> None:
     check_shape("bias", bias, (n,))
     if residual is not None:
         check_shape("residual", residual, tuple(x.shape))
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if not _positive_finite(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
 
 
 def bias_gelu(x, bias) -> None:
@@ -93,9 +95,24 @@ def attention(q, k, v, causal, scale) -> None:
     _check_scale(scale)
 
 
+def _positive_finite(value) -> bool:
+    """A real number (not a bool) in (0, inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
 def _check_scale(scale) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be None or a positive number, got {scale!r}")
+    if scale is not None and not _positive_finite(scale):
+        raise ValueError(f"scale must be None or a positive finite number, got {scale!r}")
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (e.g. an ``expand``-ed view), from its sizes and strides."""
+    span = 1
+    for size, stride in sorted((p for p in zip(t.shape, t.stride()) if p[0] > 1), key=lambda p: p[1]):
+        if stride < span:
+            return True
+        span = stride * size
+    return False
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, check_seqlens=True) -> None:
@@ -121,6 +138,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, ch
     if k_new is not None:
         check_shape("k_new", k_new, (b, h, d))
         check_shape("v_new", v_new, (b, h, d))
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if has_internal_overlap(cache):
+                raise ValueError(
+                    f"{name} has overlapping strides {tuple(cache.stride())} for shape {_fmt(cache.shape)} (e.g. an "
+                    "expand()-ed view); appending k_new/v_new writes the cache in place, so pass a tensor with "
+                    "distinct memory per element"
+                )
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int32 torch.Tensor, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
