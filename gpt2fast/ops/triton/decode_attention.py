@@ -210,34 +210,41 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
 
 
 def compile_cases(full: bool = False) -> list[CompileCase]:
-    """Split kernel: heuristic config per dtype x head dim x append x direct; all autotune configs
-    for fp16 D=64 with append (every combination if ``full``).  Combine kernel: each dtype x head dim
-    at 8 and 64 slices."""
+    """Split kernel: the heuristic config per dtype x head dim (appending, several slices), fp16 D=64
+    also without append and with a single slice, and every autotune config at fp16 D=64 appending.
+    Combine kernel: fp16 at each head dim, every dtype at D=64 (64 slices).  ``full``: everything.
+    Unit last-dim cache strides are constexpr 1, as the JIT specialises them."""
     cases = []
     for dtype, tname in TL_DTYPE.items():
         ptr = "*" + tname
         for d in HEAD_DIMS:
+            gpt2 = dtype == torch.float16 and d == 64
             for has_new in (True, False):
                 for direct in (False, True):
+                    if not (full or (has_new and not direct) or gpt2):
+                        continue
                     heur = heuristic_config(d)
-                    every = full or (dtype == torch.float16 and d == 64 and has_new and not direct)
+                    every = full or (gpt2 and has_new and not direct)
                     for cfg in _CONFIGS if every else [heur]:
-                        consts = dict(HEAD_DIM=d, HAS_NEW=has_new, DIRECT=direct, **cfg.kwargs)
+                        consts = dict(
+                            HEAD_DIM=d, HAS_NEW=has_new, DIRECT=direct, stride_kd=1, stride_vd=1, **cfg.kwargs
+                        )
                         types = dict(Q=ptr, Kc=ptr, Vc=ptr, Knew=ptr, Vnew=ptr, Seqlens="*i32", O=ptr)
-                        types.update(Opart="*fp32", Lse="*fp32", sm_scale="fp32")
+                        types.update(Opart="*fp32", Lse="*fp32", sm_scale="fp32", SPLIT_LEN="i32", NUM_SPLITS="i32")
                         names = _decode_split_kernel.arg_names
                         types.update({n: "i32" for n in names if n.startswith("stride") or n in ("H", "T_max")})
-                        types.update(SPLIT_LEN="i32", NUM_SPLITS="i32")
-                        sig = signature(_decode_split_kernel, types, consts)
+                        sig = signature(
+                            _decode_split_kernel, {k: v for k, v in types.items() if k not in consts}, consts
+                        )
                         bn, w, s = cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
                         is_heur = (bn, w, s) == (heur.kwargs["BLOCK_N"], heur.num_warps, heur.num_stages)
                         label = f"{tname} D={d} new={int(has_new)} direct={int(direct)} BLOCK_N={bn} w={w} s={s}"
                         case = CompileCase("decode_split", _decode_split_kernel, sig, consts, w, s, label, is_heur)
                         cases.append(case)
-            for splits in (8, 64):
-                consts = dict(HEAD_DIM=d, SPLITS_POW2=splits)
+            if full or dtype == torch.float16 or d == 64:
+                consts = dict(HEAD_DIM=d, SPLITS_POW2=MAX_SPLITS)
                 types = dict(Opart="*fp32", Lse="*fp32", O=ptr, NUM_SPLITS="i32")
                 sig = signature(_decode_combine_kernel, types, consts)
-                label = f"{tname} D={d} splits<={splits} w=4"
+                label = f"{tname} D={d} splits<={MAX_SPLITS} w=4"
                 cases.append(CompileCase("decode_combine", _decode_combine_kernel, sig, consts, 4, 1, label, True))
     return cases

@@ -1,0 +1,189 @@
+"""Compile every Triton kernel of gpt2fast, offline, for Hopper (sm_90) and Ampere (sm_80).
+
+No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs
+the whole pipeline down to a cubin with the ptxas Triton ships.  Each kernel module lists the
+specialisations it launches (``compile_cases``): by default the heuristic config of every
+dtype / shape class plus every autotune config at GPT-2's own shape (a representative
+subset, to stay near a minute on two cores); ``--full`` compiles every combination.
+
+For each compiled kernel it reports registers per thread, spilled bytes (from the cubin's
+resource usage: local memory) and dynamic shared memory (Triton's metadata).  A compile
+error fails the run.  A heuristic config that needs more shared memory than the target has
+fails too (autotune configs that do not fit are skipped by the autotuner at run time, so
+they are only listed).  Spills are printed as defects; ``--fail-on-spill`` makes them fatal.
+
+    python benchmarks/compile_check.py [--full] [--fail-on-spill] [--json out.json] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's gpt2fast, installed or not
+os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not interpreter stand-ins
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gpt2fast.ops.triton._common import CompileCase
+
+#: The modules (one per kernel) whose ``compile_cases`` are compiled.
+KERNEL_MODULES = [f"gpt2fast.ops.triton.{m}" for m in ("layer_norm", "bias_gelu", "attention", "decode_attention")]
+
+#: Integer arguments (by name prefix) that are multiples of 16 in every GPT-2 launch.
+ALIGNED = ("stride", "N")
+
+#: Compute capability -> (name, usable shared memory per block in bytes).
+TARGETS = {90: ("sm_90", 232448), 80: ("sm_80", 166912)}
+
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def _cuobjdump() -> str | None:
+    here = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(here) if here.exists() else None
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    """Registers and spills of a cubin, read with the cuobjdump Triton ships.
+
+    A spill is a local-memory store (``STL``) in the SASS; the stack frame size then gives the
+    bytes.  (A stack frame alone is not a spill: ptxas may reserve a few bytes without one.)
+    """
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    m = _RESOURCE.search(usage)
+    if not m:
+        return {}
+    reg, stack, _static_shared, local = map(int, m.groups())
+    stores = len(re.findall(r"\bSTL(?:\.\w+)*\s", sass))
+    return {"regs": reg, "spill_stores": stores, "spill_bytes": (stack + local) if stores else 0}
+
+
+def _attrs(case: CompileCase) -> dict:
+    """Pointers and strides/row lengths are multiples of 16 (as the JIT specialises them for torch
+    allocations and GPT-2's head dims and widths); unit strides are passed as constexpr 1 by the cases."""
+    names = list(case.signature)
+    aligned = [n for n, t in case.signature.items() if t.startswith("*") or (t == "i32" and n.startswith(ALIGNED))]
+    return {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+
+
+_JOBS: list[tuple[CompileCase, int]] = []  # set before the worker processes fork (jit functions do not pickle)
+
+
+def compile_one(index: int) -> dict:
+    """Compile job ``_JOBS[index]`` (a case and a target); return a result row (never raises)."""
+    case, cc = _JOBS[index]
+    row = {
+        "kernel": case.kernel,
+        "config": case.label,
+        "target": TARGETS[cc][0],
+        "heuristic": case.heuristic,
+        "num_warps": case.num_warps,
+        "num_stages": case.num_stages,
+    }
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(case.fn, case.signature, case.constexprs, _attrs(case))
+        opts = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+        row.update(ok=True, shared=int(k.metadata.shared), **_resources(k.asm["cubin"]))
+        row["n_regs_meta"] = getattr(k, "n_regs", None)
+    except Exception as exc:
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    row["fits_smem"] = row.get("shared", 0) <= TARGETS[cc][1]
+    row["spills"] = row.get("spill_bytes", 0) > 0
+    return row
+
+
+def cases(full: bool) -> list[CompileCase]:
+    """Every compile case of every kernel module."""
+    return [c for mod in KERNEL_MODULES for c in importlib.import_module(mod).compile_cases(full)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile, print the table, write JSON; exit 1 on compile errors, unfit heuristic configs, or
+    (with ``--fail-on-spill``) spills."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="every config x dtype x shape, not the representative subset")
+    ap.add_argument("--fail-on-spill", action="store_true", help="exit non-zero if any kernel spills registers")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
+    ap.add_argument("--targets", default="90,80", help="compute capabilities, comma separated")
+    args = ap.parse_args(argv)
+
+    _JOBS[:] = [(c, int(cc)) for cc in args.targets.split(",") for c in cases(args.full)]
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            rows = list(pool.map(compile_one, range(len(_JOBS)), chunksize=4))
+    else:
+        rows = [compile_one(i) for i in range(len(_JOBS))]
+    elapsed = time.perf_counter() - t0
+
+    print(f"triton {triton.__version__}: {len(rows)} compiles in {elapsed:.0f}s ({'full' if args.full else 'subset'})")
+    print(f"{'kernel':<15} {'target':<6} {'config':<55} {'regs':>4} {'spill':>5} {'smem':>7}  note")
+    errors, unfit, spills = [], [], []
+    for r in rows:
+        note = []
+        if not r["ok"]:
+            errors.append(r)
+            note.append("COMPILE ERROR: " + r["error"])
+        else:
+            if r["spills"]:
+                spills.append(r)
+                note.append(f"DEFECT: spills {r['spill_bytes']} B")
+            if not r["fits_smem"]:
+                if r["heuristic"]:
+                    unfit.append(r)
+                note.append("exceeds smem" + (" (HEURISTIC CONFIG)" if r["heuristic"] else ": autotune skips it"))
+        if r["heuristic"]:
+            note.append("heuristic")
+        regs = r.get("regs", "?")
+        spill = r.get("spill_bytes", "?")
+        print(
+            f"{r['kernel']:<15} {r['target']:<6} {r['config']:<55} {regs!s:>4} {spill!s:>5} {r.get('shared', 0):>7}  "
+            + "; ".join(note)
+        )
+    summary = {
+        "triton": triton.__version__,
+        "mode": "full" if args.full else "subset",
+        "compiles": len(rows),
+        "errors": len(errors),
+        "spills": len(spills),
+        "unfit_heuristic": len(unfit),
+        "seconds": round(elapsed, 1),
+    }
+    print(json.dumps(summary))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"summary": summary, "results": rows}, indent=1))
+    if spills:
+        print(f"{len(spills)} kernel config(s) spill registers (defects, listed above)", file=sys.stderr)
+    failed = bool(errors or unfit or (spills and args.fail_on_spill))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
