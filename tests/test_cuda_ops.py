@@ -240,6 +240,29 @@ def test_torch_compile_through_custom_ops():
         torch.testing.assert_close(c, e, rtol=0, atol=0)
 
 
+def test_backend_ops_trace_without_graph_breaks():
+    """The backend's checks are metadata-only, so dynamo traces each op into one graph."""
+    from gpt2fast.ops import cuda
+
+    def block(x, r, w, b, q, kc, vc, sl, kn):
+        y, h = cuda.layer_norm(x, w, b, 1e-5, r)
+        g = cuda.bias_gelu(y, b)
+        a = cuda.attention(q, q, q, True, None)
+        d = cuda.decode_attention(q[:, :, 0], kc, vc, sl, kn, kn, None)
+        return g, h, a, d
+
+    dtype = torch.float16
+    x, r = (torch.randn(4, 64, device=DEV, dtype=dtype) for _ in range(2))
+    w, b = (torch.randn(64, device=DEV, dtype=dtype) for _ in range(2))
+    q = torch.randn(2, 2, 9, 64, device=DEV, dtype=dtype)
+    kc, vc = (torch.randn(2, 2, 32, 64, device=DEV, dtype=dtype) for _ in range(2))
+    sl = torch.tensor([3, 30], device=DEV, dtype=torch.int32)
+    kn = torch.randn(2, 2, 64, device=DEV, dtype=dtype)
+    block(x, r, w, b, q, kc, vc, sl, kn)  # eager first: caches the runtime probe
+    explained = torch._dynamo.explain(block)(x, r, w, b, q, kc, vc, sl, kn)
+    assert explained.graph_break_count == 0, [br.reason for br in explained.break_reasons]
+
+
 # ----------------------------------------------------------------------------- whole model
 TINY = GPT2Config(vocab_size=301, n_positions=96, n_embd=128, n_layer=2, n_head=2)
 _BASE: dict[str, GPT2] = {}

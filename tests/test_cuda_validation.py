@@ -98,16 +98,21 @@ def test_attention_unsupported_head_dim(ext, d):
 
 
 def test_attention_misaligned(ext):
-    base = torch.randn(1, 2, 8, 65, dtype=torch.float16)
-    q = base[..., 1:]  # storage offset of 1 element: not 16-byte aligned
     k = torch.randn(1, 2, 8, 64, dtype=torch.float16)
-    with pytest.raises(ValueError, match="q must be 16-byte aligned"):
-        cuda.attention(q, k, k, True, None)
     v = torch.randn(1, 2, 8, 68, dtype=torch.float16)[..., :64]  # row stride 68 is not a multiple of 8
     with pytest.raises(ValueError, match=r"v strides \(1088, 544, 68, 1\) must be multiples of 8"):
         cuda.attention(k, k, v, True, None)
     with pytest.raises(ValueError, match="k must have unit stride"):
         cuda.attention(k, k.transpose(2, 3).contiguous().transpose(2, 3)[..., :8, :], k, True, None)
+
+
+def test_attention_misaligned_pointer(launch_ok):
+    q = torch.randn(1, 2, 8, 72, dtype=torch.float16)[..., 1:65]  # storage offset of 1 element
+    assert q.stride() == (1152, 576, 72, 1)
+    k = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="q must be 16-byte aligned"):
+        cuda.attention(q, k, k, True, None)
+    assert not launch_ok.attention.called
 
 
 def test_size_one_dims_may_have_any_stride(launch_ok):
@@ -136,9 +141,14 @@ def test_decode_bad_cache_layout(ext):
     kc_t = kc.transpose(2, 3).contiguous().transpose(2, 3)  # D not unit-stride
     with pytest.raises(ValueError, match="k_cache must have unit stride in its last dim"):
         cuda.decode_attention(q, kc_t, vc, sl, kn, vn, None)
+
+
+def test_decode_misaligned_cache_pointer(launch_ok):
+    q, kc, _, sl, kn, vn = _decode_args()
     vc_off = torch.randn(2 * 3 * 16 * 64 + 4, dtype=torch.float16)[4:].view(2, 3, 16, 64)
     with pytest.raises(ValueError, match="v_cache must be 16-byte aligned"):
         cuda.decode_attention(q, kc, vc_off, sl, kn, vn, None)
+    assert not launch_ok.decode_attention.called
 
 
 def test_decode_bad_new_and_seqlens(ext):

@@ -148,17 +148,23 @@ def _check_unit_last(name: str, t: torch.Tensor) -> None:
 
 
 def _check_vec_aligned(name: str, t: torch.Tensor, dims: int) -> None:
-    """Unit last stride, 16-byte aligned data, and the first ``dims`` strides multiples of 16 bytes."""
+    """Unit last stride and the first ``dims`` strides multiples of 16 bytes (metadata only, so it
+    also runs on the fake tensors of torch.compile; the data pointer is checked by :func:`_check_ptr`)."""
     _check_unit_last(name, t)
     w = _vec_elems(t)
-    if t.data_ptr() % 16 != 0:
-        raise ValueError(f"cuda backend: {name} must be 16-byte aligned (got data_ptr % 16 = {t.data_ptr() % 16})")
     bad = [s for s, n in zip(t.stride()[:dims], t.shape[:dims]) if n > 1 and s % w != 0]  # size-1 dims: any stride
     if bad:
         raise ValueError(
             f"cuda backend: {name} strides {tuple(t.stride())} must be multiples of {w} elements (16 bytes) "
             "except the last; pass a .contiguous() tensor"
         )
+
+
+def _check_ptr(**tensors: torch.Tensor | None) -> None:
+    """Every tensor's data is 16-byte aligned (run inside the custom ops, on real tensors, before launch)."""
+    for name, t in tensors.items():
+        if t is not None and t.data_ptr() % 16 != 0:
+            raise ValueError(f"cuda backend: {name} must be 16-byte aligned (got data_ptr % 16 = {t.data_ptr() % 16})")
 
 
 def _rows(name: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -263,6 +269,7 @@ def _(x, bias):
 
 @torch.library.custom_op("gpt2fast::cuda_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    _check_ptr(q=q, k=k, v=v)
     b, h, t, d = q.shape
     out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     dev = q.device.index
@@ -289,6 +296,7 @@ def _decode_attention_op(
     v_new: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
+    _check_ptr(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     b, h, d = q.shape
     t_max = k_cache.shape[2]
     dev = q.device.index
