@@ -13,6 +13,8 @@ the mean context length) over the copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import importlib
+import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -96,13 +98,15 @@ class Runner:
 
 def _hf_runner(model, **extra) -> Runner:
     def prepare(ids: torch.Tensor) -> Callable[[], object]:
+        # transformers >= 5.2x names the cache argument/output "cache"; before, "past_key_values".
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.no_grad():
             out = model(ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, nxt = out[key], out.logits[:, -1:].argmax(-1)
 
         def step():
             with torch.no_grad():
-                return model(nxt, past_key_values=past, use_cache=True)
+                return model(nxt, use_cache=True, **{key: past})
 
         return step
 
@@ -113,10 +117,13 @@ def _gpt2fast_runner(model: GPT2, use_cuda_graph: bool | None = False) -> Runner
     def prepare(ids: torch.Tensor) -> Callable[[], object]:
         model.setup_cache(ids.shape[0], ids.shape[1] + 1)
         nxt = model.prefill(ids).argmax(-1)
-        seqlens = model.cache.seqlens.clone()
+        cache = model.cache
+        seqlens, host_max = cache.seqlens.clone(), getattr(cache, "host_max", None)
 
         def step():
-            model.cache.seqlens.copy_(seqlens)  # the same position every time
+            cache.seqlens.copy_(seqlens)  # decode at the same position every time
+            if host_max is not None:
+                cache.host_max = host_max
             return model.decode_step(nxt)
 
         return step
@@ -171,13 +178,15 @@ def _hf_patched(config: GPT2Config, dtype: torch.dtype, device: torch.device, se
 
 # ---- measuring ---------------------------------------------------------------------------
 def count_launches(step: Callable[[], object], device: torch.device) -> int | None:
-    """GPU kernels (and memcpy/memset) one call of ``step`` runs, from the torch profiler; None on CPU."""
+    """GPU kernels (and memcpy/memset) one call of ``step`` runs, from the torch profiler; None on CPU
+    (where ``step`` still runs twice, so the step itself is exercised)."""
+    step()
+    sync(device)
     if device.type != "cuda":
+        step()
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    step()
-    sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         sync(device)
@@ -218,8 +227,13 @@ def measure(runner: Runner, ids: torch.Tensor, opts: Options, device: torch.devi
 
         return run
 
-    t1 = time_cpu(gen(1), reps=opts.reps, warmup=1, budget_s=30)
-    tn = time_cpu(gen(opts.new), reps=opts.reps, warmup=1, budget_s=60)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. a CUDA graph capture that fell back to eager
+        warnings.simplefilter("always")
+        t1 = time_cpu(gen(1), reps=opts.reps, warmup=1, budget_s=30)
+        tn = time_cpu(gen(opts.new), reps=opts.reps, warmup=1, budget_s=60)
+    messages = list(dict.fromkeys(f"{w.category.__name__}: {w.message}"[:300] for w in caught))
+    if messages:
+        rec["warnings"] = messages[:5]
     batch = ids.shape[0]
     rec["time_prefill"], rec["time_total"] = t1.as_dict(), tn.as_dict()
     rec["prefill_ms"] = t1.median_ms

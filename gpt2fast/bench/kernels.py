@@ -264,6 +264,13 @@ def _eager_bias_gelu(inp: Inputs) -> Fn:
 
 
 def _compiled(op: str) -> Provider:
+    """``torch.compile`` of the reference op, default settings (automatic dynamic shapes after the
+    second shape).  The recompile limit is raised so that a long sweep never falls back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(dynamo_config, name, None), int):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
     compiled = torch.compile(getattr(reference, op))
     return lambda inp: lambda: compiled(**inp)
 
