@@ -96,6 +96,9 @@ def test_extension_imports_without_gpu():
     assert (code == 0) == (msg == "")
     for name in ("layer_norm", "bias_gelu", "attention", "decode_attention"):
         assert callable(getattr(_C, name))
+    from gpt2fast.ops import cuda
+
+    assert (_C.F32, _C.F16, _C.BF16) == tuple(cuda._DTYPE_CODE[t] for t in cuda.FLOAT_DTYPES)
     if code != 0:  # no usable device: a launch must raise, never crash
         with pytest.raises(RuntimeError, match=r"gpt2fast\._C\.bias_gelu: CUDA error"):
             _C.bias_gelu(_C.F32, 0, 4, 0, 0, 1, 4, 0, 0)

@@ -3,15 +3,17 @@
 ``gpt2fast._C`` takes raw device pointers, element strides and the CUDA stream as Python ints and
 has no PyTorch headers, so it builds against any torch.  This module does everything else:
 
-* checks the backend-specific properties (strides, alignment, head dims) and then the device,
-  before any launch, raising a clear error (the generic checks already ran in ``_validate``);
+* checks the backend-specific properties (strides, head dims) and then the device before any
+  launch, raising a clear error (the generic checks already ran in ``_validate``); the 16-byte
+  alignment of data pointers is checked inside the custom ops, on real tensors, right before launch;
 * allocates outputs (and the split-KV scratch of decode attention) with torch;
 * registers each op as a ``torch.library.custom_op`` with a fake implementation, so
   ``torch.compile`` traces through it and CUDA graphs capture it (decode attention declares that
   it mutates the caches).
 
-Checks run in this order: layout (works on any tensor, so it is unit-tested on CPU), then device
-(CUDA tensor, on the current device, with a CUDA runtime the extension can use), then launch.
+Checks run in this order: layout (metadata only: works on CPU and on torch.compile's fake tensors,
+so it is unit-tested on CPU), then device (CUDA tensor, on the current device, with a CUDA runtime
+the extension can use), then pointer alignment, then launch.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def _num_sms(device: int) -> int:
 
 
 # --------------------------------------------------------------------------- layout checks
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_CODE = {t: i for i, t in enumerate(FLOAT_DTYPES)}  # = _C.F32, _C.F16, _C.BF16 (G2F_* in csrc)
 
 
 def _dtype_code(name: str, t: torch.Tensor) -> int:
