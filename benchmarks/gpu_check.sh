@@ -134,7 +134,7 @@ step_build() {
     "$PYTHON" -c "import gpt2fast._C as c; print('built', c.__file__)" || return 1
     if [ -f benchmarks/ptxas_check.py ]; then
         echo "---- benchmarks/ptxas_check.py"
-        "$PYTHON" benchmarks/ptxas_check.py || return 1
+        "$PYTHON" benchmarks/ptxas_check.py --arch 90a --jobs "$(nproc)" --json "$LOGS/ptxas.json" || return 1
     fi
 }
 
