@@ -4,7 +4,9 @@
 // it walks key tiles of BN keys, computing S = Q·Kᵀ and O += P·V with mma.sync.m16n8k16
 // (fp32 accumulation) and an online softmax kept in registers.  P never leaves registers: the
 // S accumulator layout of two adjacent n8 tiles is exactly the A-operand layout of one k16 step.
-// V is stored transposed in shared memory so both B operands are contiguous 32-bit loads.
+// The B operand of S = Q·Kᵀ is read with 32-bit shared loads from the row-major K tile; the B
+// operand of P·V with ldmatrix.trans from the row-major V tile (row pitches padded by 16 bytes, so
+// neither conflicts on banks).
 // Causal: key tiles entirely above the diagonal are skipped; masking runs only on the tiles that
 // cross the diagonal or the end of the sequence.  Query blocks run heaviest-first.
 //
@@ -73,9 +75,21 @@ __device__ __forceinline__ uint32_t lds32(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
+// Four 8x8 b16 matrices from shared memory, transposed: lane l supplies the (16-byte aligned)
+// address of row l % 8 of matrix l / 8 and receives, in r[m], elements (2*(l%4), l/4) and
+// (2*(l%4)+1, l/4) of matrix m as stored.  For a row-major [key][d] V tile this yields the
+// column-major B operand of two adjacent n8 tiles: r[0], r[1] for d0.., r[2], r[3] for d0+8...
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
 // A tile of R rows x D columns of a [T, D] slice, staged in registers: each of the kThreadsN
 // threads holds kN 16-byte vectors.  load() reads global memory (rows >= seqlen are zeros);
-// store() writes shared memory with pitch P, transposed (element (r, c) at smem[c * P + r]) or not.
+// store() writes shared memory, row-major with a pitch of P elements.
 // Splitting the two lets the next tile's loads be in flight while the current tile is computed.
 template <typename T, int R, int D, int kThreadsN>
 struct TileRegs {
@@ -98,19 +112,12 @@ struct TileRegs {
     }
   }
 
-  template <int P, bool kTranspose>
+  template <int P>
   __device__ __forceinline__ void store(T* smem) const {
 #pragma unroll
     for (int it = 0; it < kN; ++it) {
       const int i = threadIdx.x + it * kThreadsN;
-      if (i >= R * kPerRow) continue;
-      const int r = i / kPerRow, c = (i % kPerRow) * W;
-      if constexpr (kTranspose) {
-#pragma unroll
-        for (int e = 0; e < W; ++e) smem[(c + e) * P + r] = v[it].v[e];
-      } else {
-        store_vec(smem + r * P + c, v[it]);
-      }
+      if (i < R * kPerRow) store_vec(smem + (i / kPerRow) * P + (i % kPerRow) * W, v[it]);
     }
   }
 };
@@ -124,21 +131,20 @@ template <int D>
 struct MmaTile {
   static constexpr int BN = D == 128 ? 32 : 64;  // keeps smem static and under 48 KB
   static constexpr int kPad = 8;                 // 16 bytes: keeps rows 16-byte aligned, shifts banks
-  static constexpr int QP = D + kPad;            // pitch of sQ / sK rows
-  static constexpr int VP = BN + kPad;           // pitch of sVt rows
+  static constexpr int QP = D + kPad;            // pitch of sQ / sK / sV rows
 };
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnParams<T> p) {
   using Tile = MmaTile<D>;
-  constexpr int BN = Tile::BN, QP = Tile::QP, VP = Tile::VP;
+  constexpr int BN = Tile::BN, QP = Tile::QP;
   constexpr int KD = D / 16;   // k16 steps over the head dim
   constexpr int NS = BN / 8;   // n8 tiles of S
   constexpr int KS = BN / 16;  // k16 steps over the keys
   constexpr int ND = D / 8;    // n8 tiles of O
   __shared__ alignas(16) T sQ[kBM * QP];
   __shared__ alignas(16) T sK[BN * QP];
-  __shared__ alignas(16) T sVt[D * VP];
+  __shared__ alignas(16) T sV[BN * QP];
 
   const int m_block = gridDim.x - 1 - blockIdx.x;  // heaviest (causal) blocks first
   const int h = blockIdx.y, b = blockIdx.z;
@@ -154,7 +160,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
   {
     TileRegs<T, kBM, D, kMmaThreads> qr;
     qr.load(qg, p.q_st, q_start, T_);
-    qr.template store<QP, false>(sQ);
+    qr.template store<QP>(sQ);
   }
   __syncthreads();
   uint32_t qa[KD][4];
@@ -181,9 +187,9 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
   kr.load(kg, p.k_st, 0, T_);
   vr.load(vg, p.v_st, 0, T_);
   for (int n_start = 0; n_start < n_end; n_start += BN) {
-    __syncthreads();  // the previous tile's sK/sVt are no longer read
-    kr.template store<QP, false>(sK);
-    vr.template store<VP, true>(sVt);
+    __syncthreads();  // the previous tile's sK/sV are no longer read
+    kr.template store<QP>(sK);
+    vr.template store<QP>(sV);
     __syncthreads();
     if (n_start + BN < n_end) {  // prefetch the next tile; the loads overlap the math below
       kr.load(kg, p.k_st, n_start + BN, T_);
@@ -249,9 +255,11 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
       pa[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-      for (int j = 0; j < ND; ++j) {
-        const T* vb = sVt + (j * 8 + gid) * VP + kk * 16 + tq * 2;
-        mma16816<T>(acc[j], pa, lds32(vb), lds32(vb + 8));
+      for (int j = 0; j < ND; j += 2) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, sV + (kk * 16 + (lane & 15)) * QP + j * 8 + (lane >> 4) * 8);
+        mma16816<T>(acc[j], pa, vb[0], vb[1]);
+        mma16816<T>(acc[j + 1], pa, vb[2], vb[3]);
       }
     }
   }
