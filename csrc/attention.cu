@@ -27,9 +27,7 @@ struct AttnParams {
   const T* k;
   const T* v;
   T* out;  // contiguous [B, H, T, D]
-  int64_t q_sb, q_sh, q_st;
-  int64_t k_sb, k_sh, k_st;
-  int64_t v_sb, v_sh, v_st;
+  Strides qs, ks, vs;
   int heads, seqlen;
   bool causal;
   float scale_log2;
@@ -153,13 +151,13 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
   const int T_ = p.seqlen;
   const int q_start = m_block * kBM;
 
-  const T* qg = p.q + b * p.q_sb + h * p.q_sh;
-  const T* kg = p.k + b * p.k_sb + h * p.k_sh;
-  const T* vg = p.v + b * p.v_sb + h * p.v_sh;
+  const T* qg = p.q + p.qs.at(b, h);
+  const T* kg = p.k + p.ks.at(b, h);
+  const T* vg = p.v + p.vs.at(b, h);
 
   {
     TileRegs<T, kBM, D, kMmaThreads> qr;
-    qr.load(qg, p.q_st, q_start, T_);
+    qr.load(qg, p.qs.t, q_start, T_);
     qr.template store<QP>(sQ);
   }
   __syncthreads();
@@ -184,16 +182,16 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
 
   const int n_end = p.causal ? min(T_, q_start + kBM) : T_;
   TileRegs<T, BN, D, kMmaThreads> kr, vr;
-  kr.load(kg, p.k_st, 0, T_);
-  vr.load(vg, p.v_st, 0, T_);
+  kr.load(kg, p.ks.t, 0, T_);
+  vr.load(vg, p.vs.t, 0, T_);
   for (int n_start = 0; n_start < n_end; n_start += BN) {
     __syncthreads();  // the previous tile's sK/sV are no longer read
     kr.template store<QP>(sK);
     vr.template store<QP>(sV);
     __syncthreads();
     if (n_start + BN < n_end) {  // prefetch the next tile; the loads overlap the math below
-      kr.load(kg, p.k_st, n_start + BN, T_);
-      vr.load(vg, p.v_st, n_start + BN, T_);
+      kr.load(kg, p.ks.t, n_start + BN, T_);
+      vr.load(vg, p.vs.t, n_start + BN, T_);
     }
 
     float s[NS][4];
@@ -301,13 +299,13 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int T_ = p.seqlen;
   const int q_start = q_block * kF32BQ;
-  const float* qg = p.q + b * p.q_sb + h * p.q_sh;
-  const float* kg = p.k + b * p.k_sb + h * p.k_sh;
-  const float* vg = p.v + b * p.v_sb + h * p.v_sh;
+  const float* qg = p.q + p.qs.at(b, h);
+  const float* kg = p.k + p.ks.at(b, h);
+  const float* vg = p.v + p.vs.at(b, h);
 
   for (int i = threadIdx.x; i < kF32BQ * D; i += kThreadsN) {
     const int r = i / D, c = i % D;
-    sQ[r][c] = q_start + r < T_ ? qg[static_cast<int64_t>(q_start + r) * p.q_st + c] * p.scale_log2 : 0.f;
+    sQ[r][c] = q_start + r < T_ ? qg[static_cast<int64_t>(q_start + r) * p.qs.t + c] * p.scale_log2 : 0.f;
   }
 
   float m_i[kF32RowsPerWarp], l_i[kF32RowsPerWarp], acc[kF32RowsPerWarp][DPL];
@@ -325,8 +323,8 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
     for (int i = threadIdx.x; i < kF32BK * D; i += kThreadsN) {
       const int r = i / D, c = i % D;
       const bool in = n_start + r < T_;
-      sK[r][c] = in ? kg[static_cast<int64_t>(n_start + r) * p.k_st + c] : 0.f;
-      sV[r][c] = in ? vg[static_cast<int64_t>(n_start + r) * p.v_st + c] : 0.f;
+      sK[r][c] = in ? kg[static_cast<int64_t>(n_start + r) * p.ks.t + c] : 0.f;
+      sV[r][c] = in ? vg[static_cast<int64_t>(n_start + r) * p.vs.t + c] : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -393,15 +391,9 @@ int attention(int dtype, const void* q, const void* k, const void* v, void* out,
     p.k = static_cast<const T*>(k);
     p.v = static_cast<const T*>(v);
     p.out = static_cast<T*>(out);
-    p.q_sb = q_strides[0];
-    p.q_sh = q_strides[1];
-    p.q_st = q_strides[2];
-    p.k_sb = k_strides[0];
-    p.k_sh = k_strides[1];
-    p.k_st = k_strides[2];
-    p.v_sb = v_strides[0];
-    p.v_sh = v_strides[1];
-    p.v_st = v_strides[2];
+    p.qs = Strides::of(q_strides);
+    p.ks = Strides::of(k_strides);
+    p.vs = Strides::of(v_strides);
     p.heads = heads;
     p.seqlen = seqlen;
     p.causal = causal;

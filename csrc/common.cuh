@@ -96,6 +96,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// ---------------------------------------------------------------- operand strides
+// Element strides of one [B, H, (T,) D] operand whose D axis has unit stride.
+struct Strides {
+  int64_t b, h, t;
+  // From (batch, head, time) strides, or (batch, head) ones when `has_time` is false (t = 0);
+  // null (an absent operand) gives zeros.
+  static Strides of(const int64_t* s, bool has_time = true) {
+    if (s == nullptr) return {0, 0, 0};
+    return {s[0], s[1], has_time ? s[2] : 0};
+  }
+  __host__ __device__ __forceinline__ int64_t at(int b_, int h_) const { return b_ * b + h_ * h; }
+};
+
 // ---------------------------------------------------------------- host side
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -34,11 +34,7 @@ struct DecodeParams {
   T* out;        // final output, contiguous [B, H, D]; used when num_splits == 1
   float* o_part;  // [B, H, S, D]; used when num_splits > 1
   float* lse;     // [B, H, S]
-  int64_t q_sb, q_sh;
-  int64_t kc_sb, kc_sh, kc_st;
-  int64_t vc_sb, vc_sh, vc_st;
-  int64_t kn_sb, kn_sh;
-  int64_t vn_sb, vn_sh;
+  Strides qs, kcs, vcs, kns, vns;
   int heads, t_max, num_splits, chunk;
   float scale_log2;
 };
@@ -68,22 +64,22 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   const int start = split * p.chunk;
   const int end = min(start + p.chunk, length);
 
-  const T* kn = append ? p.k_new + b * p.kn_sb + h * p.kn_sh : nullptr;
-  const T* vn = append ? p.v_new + b * p.vn_sb + h * p.vn_sh : nullptr;
-  T* kc = p.k_cache + b * p.kc_sb + h * p.kc_sh;
-  T* vc = p.v_cache + b * p.vc_sb + h * p.vc_sh;
+  const T* kn = append ? p.k_new + p.kns.at(b, h) : nullptr;
+  const T* vn = append ? p.v_new + p.vns.at(b, h) : nullptr;
+  T* kc = p.k_cache + p.kcs.at(b, h);
+  T* vc = p.v_cache + p.vcs.at(b, h);
 
   // The owning split writes the new key/value into the cache (nobody else touches that slot).
   if (append && pos_new >= start && pos_new < start + p.chunk) {
     for (int i = tid; i < D / W; i += kThreads) {
-      store_vec(kc + pos_new * p.kc_st + i * W, load_vec(kn + i * W));
-      store_vec(vc + pos_new * p.vc_st + i * W, load_vec(vn + i * W));
+      store_vec(kc + pos_new * p.kcs.t + i * W, load_vec(kn + i * W));
+      store_vec(vc + pos_new * p.vcs.t + i * W, load_vec(vn + i * W));
     }
   }
 
   float q[W];
   {
-    const Vec<T> qv = load_vec(p.q + b * p.q_sb + h * p.q_sh + dim0);
+    const Vec<T> qv = load_vec(p.q + p.qs.at(b, h) + dim0);
 #pragma unroll
     for (int i = 0; i < W; ++i) q[i] = to_float(qv.v[i]) * p.scale_log2;
   }
@@ -101,8 +97,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + u * NG + g;
       if (t < end) {
-        kraw[u] = load_vec((t == pos_new ? kn : kc + t * p.kc_st) + dim0);
-        vraw[u] = load_vec((t == pos_new ? vn : vc + t * p.vc_st) + dim0);
+        kraw[u] = load_vec((t == pos_new ? kn : kc + t * p.kcs.t) + dim0);
+        vraw[u] = load_vec((t == pos_new ? vn : vc + t * p.vcs.t) + dim0);
       } else {
 #pragma unroll
         for (int i = 0; i < W; ++i) kraw[u].v[i] = vraw[u].v[i] = from_float<T>(0.f);
@@ -220,18 +216,11 @@ int decode_attention(int dtype, const void* q, const int64_t* q_strides, void* k
     p.out = static_cast<T*>(out);
     p.o_part = o_part;
     p.lse = lse;
-    p.q_sb = q_strides[0];
-    p.q_sh = q_strides[1];
-    p.kc_sb = kc_strides[0];
-    p.kc_sh = kc_strides[1];
-    p.kc_st = kc_strides[2];
-    p.vc_sb = vc_strides[0];
-    p.vc_sh = vc_strides[1];
-    p.vc_st = vc_strides[2];
-    p.kn_sb = k_new ? knew_strides[0] : 0;
-    p.kn_sh = k_new ? knew_strides[1] : 0;
-    p.vn_sb = v_new ? vnew_strides[0] : 0;
-    p.vn_sh = v_new ? vnew_strides[1] : 0;
+    p.qs = Strides::of(q_strides, false);
+    p.kcs = Strides::of(kc_strides);
+    p.vcs = Strides::of(vc_strides);
+    p.kns = Strides::of(k_new ? knew_strides : nullptr, false);
+    p.vns = Strides::of(v_new ? vnew_strides : nullptr, false);
     p.heads = heads;
     p.t_max = t_max;
     p.num_splits = num_splits;
