@@ -285,3 +285,26 @@ def test_fake_impls_shape_only():
             q[:, :, 0], kc, kc, torch.empty(2, dtype=torch.int32), None, None, 0.1
         )
         assert out.shape == (2, 4, 64)
+
+
+def test_compile_fullgraph_through_custom_ops(launch_ok):
+    """dynamo + AOT autograd trace all four ops as custom ops in one graph (fake impls, mutated caches)."""
+
+    def block(x, w, b, r, q, kc, vc, sl, kn):
+        y, h = cuda.layer_norm(x, w, b, 1e-5, r)
+        g = cuda.bias_gelu(y, b)
+        a = cuda.attention(q, q, q, True, None)
+        d = cuda.decode_attention(q[:, :, 0], kc, vc, sl, kn, kn, None)
+        return g, h, a, d
+
+    dt = torch.float16
+    x, r = torch.randn(4, 64, dtype=dt), torch.randn(4, 64, dtype=dt)
+    w, b = torch.ones(64, dtype=dt), torch.zeros(64, dtype=dt)
+    q = torch.randn(2, 2, 9, 64, dtype=dt)
+    kc, vc = torch.randn(2, 2, 32, 64, dtype=dt), torch.randn(2, 2, 32, 64, dtype=dt)
+    sl, kn = torch.tensor([3, 30], dtype=torch.int32), torch.randn(2, 2, 64, dtype=dt)
+    torch._dynamo.reset()
+    g, h, a, d = torch.compile(block, backend="aot_eager", fullgraph=True)(x, w, b, r, q, kc, vc, sl, kn)
+    assert g.shape == h.shape == x.shape and a.shape == q.shape and d.shape == (2, 2, 64)
+    for name in ("layer_norm", "bias_gelu", "attention", "decode_attention"):
+        assert getattr(launch_ok, name).call_count == 1, name
