@@ -19,7 +19,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# CI: lint, build csrc (sm_80 + sm_90a) and report registers/smem/spills, the CPU test suite (Triton under its
+# interpreter, GPU tests skipped), the Triton sm_80/sm_90 compile check, and the one-shot GPU script's dry run.
 test: venv lint
+	$(BIN)/python setup.py -q build_ext --inplace
+	$(BIN)/python benchmarks/ptxas_check.py --json out/ptxas.json
 	$(BIN)/python -m pytest -q tests
 	$(BIN)/python benchmarks/compile_check.py
 	bash benchmarks/gpu_check.sh --dry-run
