@@ -278,14 +278,28 @@ def test_attention_rejects_unsupported_head_dim():
 
 def test_decode_rejects_bad_head_dim_and_overlapping_cache_before_launch():
     q, kc, vc, sl, kn, vn = decode_case(1, 2, 8, 16, [3], torch.float32, True)
+    kc_before = kc.clone()
     with pytest.raises(ValueError, match="D=16"):
         ops.decode_attention(q, kc, vc, sl, kn, vn, backend="triton")
+    assert torch.equal(kc, kc_before), "nothing may be written before the error"
     q, kc, vc, sl, kn, vn = decode_case(1, 2, 8, 64, [3], torch.float32, True)
     shared_k = rand(1, 2, 1, 64).expand(1, 2, 8, 64)  # every position aliases one row
     before = shared_k.clone()
     with pytest.raises(ValueError, match="k_cache has overlapping strides"):
         ops.decode_attention(q, shared_k, vc, sl, kn, vn, backend="triton")
     assert torch.equal(shared_k, before), "nothing may be written before the error"
+
+
+def test_rejects_strides_beyond_int32_slices():
+    # The kernels index within a (batch, head) slice with int32; meta tensors carry the strides without memory.
+    attention_mod = importlib.import_module("gpt2fast.ops.triton.attention")
+    ok = torch.empty(1, 2, 64, 64, device="meta")
+    huge = torch.empty_strided((1, 2, 64, 64), (2**40, 2**36, 2**26, 1), device="meta")
+    attention_mod.check(ok, ok, ok)
+    with pytest.raises(ValueError, match=r"v has strides .* int32"):
+        attention_mod.check(ok, ok, huge)
+    with pytest.raises(ValueError, match=r"k_cache has strides .* int32"):
+        decode_mod.check(ok[:, :, 0], huge, ok)
 
 
 def test_layer_norm_rejects_too_wide_rows():
@@ -301,8 +315,8 @@ def test_layer_norm_rejects_too_wide_rows():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(4096, 1600), (8, 1024, 768)])
 def test_gpu_layer_norm_and_gelu_large(dtype, shape):
-    x, w, b, r = rand(*shape, dtype=dtype), rand(shape[-1], dtype=dtype), rand(shape[-1], dtype=dtype), None
-    r = rand(*shape, dtype=dtype)
+    x, r = rand(*shape, dtype=dtype), rand(*shape, dtype=dtype)
+    w, b = rand(shape[-1], dtype=dtype), rand(shape[-1], dtype=dtype)
     out = ops.layer_norm(x, w, b, residual=r, backend="triton")
     check(out, reference.layer_norm(up(x), up(w), up(b), 1e-5, up(r)), reference.layer_norm(x, w, b, 1e-5, r))
     g = rand(shape[0], 4 * shape[-1], dtype=dtype)

@@ -4,7 +4,7 @@ style causal attention and flash-decoding with in-launch KV append.
 Each op is registered with ``torch.library.custom_op`` (namespace ``gpt2fast_triton``) with a
 fake implementation, so ``torch.compile`` traces through it and CUDA graphs capture it; the
 decode op declares that it mutates the caches.  Generic argument checks already ran in
-:mod:`gpt2fast.ops`; this module adds only its own (head dims, cache strides), before launch.
+:mod:`gpt2fast.ops`; this module adds only its own (head dims, int32-indexable strides), before launch.
 
 Kernels autotune on the GPU unless ``GPT2FAST_AUTOTUNE=0`` (then a fixed heuristic config is
 used).  On CPU they run only under Triton's interpreter (``TRITON_INTERPRET=1``, tests).
@@ -75,7 +75,7 @@ def bias_gelu(x, bias):
 
 def attention(q, k, v, causal, scale):
     """FlashAttention-2 style forward over [B, H, T, D] (head dims 32/64/128)."""
-    _attention.check(q)
+    _attention.check(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attention.attention_op(q, k, v, causal, scale)
 

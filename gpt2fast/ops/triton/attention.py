@@ -18,6 +18,7 @@ import triton.language as tl
 from gpt2fast.ops.triton._common import (
     TL_DTYPE,
     CompileCase,
+    check_int32_span,
     dot_precision,
     interpreting,
     launch,
@@ -130,11 +131,14 @@ def heuristic_config(head_dim: int, dtype: torch.dtype) -> triton.Config:
     return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
 
 
-def check(q: torch.Tensor) -> None:
-    """Backend-specific checks, before any launch: the head dim must be one the kernel is built for."""
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Backend-specific checks, before any launch: a head dim the kernel is built for, and strides whose
+    per-(batch, head) offsets fit in int32 (any layout is followed otherwise, no copies)."""
     d = q.shape[-1]
     if d not in HEAD_DIMS:
         raise ValueError(f"triton attention supports head dims {HEAD_DIMS}; got q with D={d}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_int32_span(name, t, (2, 3))
 
 
 @torch.library.custom_op("gpt2fast_triton::attention", mutates_args=())

@@ -21,7 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, num_sms, signature
+from gpt2fast.ops.triton._common import (
+    TL_DTYPE,
+    CompileCase,
+    check_int32_span,
+    interpreting,
+    launch,
+    next_pow2,
+    num_sms,
+    signature,
+)
 
 #: Head dims the kernels are compiled for (the same as prefill attention).
 HEAD_DIMS = (32, 64, 128)
@@ -142,20 +151,14 @@ def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
 
 
 def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """Backend-specific checks before launch: a supported head dim, and caches whose elements do not
-    overlap in memory (they are written in place, so an ``expand``-ed view would be corrupted)."""
+    """Backend-specific checks before launch: a supported head dim, and cache strides whose offsets
+    within one (batch, head) slice fit in int32.  (Overlapping caches are rejected by the generic
+    validation when appending.)"""
     d = q.shape[-1]
     if d not in HEAD_DIMS:
         raise ValueError(f"triton decode_attention supports head dims {HEAD_DIMS}; got q with D={d}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        span = 1
-        for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s > 1), key=lambda p: p[1]):
-            if stride < span:
-                raise ValueError(
-                    f"{name} has overlapping strides {tuple(t.stride())} for shape {tuple(t.shape)}; "
-                    "the cache is written in place, pass a tensor that owns distinct memory per element"
-                )
-            span = stride * size
+    check_int32_span("k_cache", k_cache, (2, 3))
+    check_int32_span("v_cache", v_cache, (2, 3))
 
 
 def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_splits: int | None = None) -> torch.Tensor:
