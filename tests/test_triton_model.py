@@ -41,7 +41,7 @@ def ids(b, t, vocab=TINY["vocab_size"], seed=1):
     return torch.randint(0, vocab, (b, t), generator=g).to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_forward_logits_match_reference(dtype):
     ref32, _ = models(torch.float32)
     ref, tri = models(dtype)
