@@ -17,6 +17,7 @@ import importlib
 
 import pytest
 import torch
+from _backends import DEVICE, backend_param
 
 from gpt2fast import ops
 from gpt2fast.config import GPT2Config
@@ -24,18 +25,11 @@ from gpt2fast.model import GPT2
 from gpt2fast.ops import reference
 from gpt2fast.testing import assert_fa_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REPEATS = 3 if DEVICE == "cuda" else 2
 
 
-def _backend(name: str, marks=()):
-    status = ops.backend_status(name, DEVICE)
-    skip = pytest.mark.skipif(not status.available, reason=f"{name} unavailable: {status.reason}")
-    return pytest.param(name, marks=[skip, *marks], id=name)
-
-
-BACKENDS = [_backend("reference"), _backend("triton"), _backend("cuda", marks=[pytest.mark.gpu])]
+BACKENDS = [backend_param("reference"), backend_param("triton"), backend_param("cuda", marks=[pytest.mark.gpu])]
 
 
 def rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -118,8 +112,8 @@ def test_triton_decode_split_count_changes_only_rounding():
 # ----------------------------------------------------------------------------- generation
 GEN_BACKENDS = [
     pytest.param("reference", id="reference"),
-    _backend("triton"),
-    _backend("cuda", marks=[pytest.mark.gpu]),
+    backend_param("triton"),
+    backend_param("cuda", marks=[pytest.mark.gpu]),
 ]
 
 

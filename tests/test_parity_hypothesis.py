@@ -18,6 +18,7 @@ import os
 
 import pytest
 import torch
+from _backends import DEVICE, backend_param
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,6 @@ from gpt2fast import ops
 from gpt2fast.ops import reference
 from gpt2fast.testing import assert_fa_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _DEFAULT_SIZE = "16" if DEVICE == "cuda" else ("4" if os.environ.get("HYPOTHESIS_PROFILE") == "extended" else "1")
 #: Multiplies every drawn extent's upper bound (rows, widths, sequence lengths, cache lengths).
 SIZE = max(1, int(os.environ.get("GPT2FAST_PARITY_SIZE", _DEFAULT_SIZE)))
@@ -35,13 +35,7 @@ HEAD_DIMS = [32, 64, 128]  # the head dims the triton and cuda kernels are built
 GPT2_WIDTHS = [768, 1024, 1280, 1600]
 
 
-def _backend(name: str, marks=()):
-    status = ops.backend_status(name, DEVICE)
-    skip = pytest.mark.skipif(not status.available, reason=f"{name} unavailable: {status.reason}")
-    return pytest.param(name, marks=[skip, *marks], id=name)
-
-
-BACKENDS = [_backend("triton"), _backend("cuda", marks=[pytest.mark.gpu])]
+BACKENDS = [backend_param("triton"), backend_param("cuda", marks=[pytest.mark.gpu])]
 # The kernels' tanh is 2/(1 + exp(-2x)) - 1: exp overflowing to inf for large |x| is intended (it saturates to
 # ±1), but Triton's interpreter computes it with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import DEVICE, backend_param
 
 from gpt2fast import ops
 from gpt2fast.config import GPT2Config
@@ -28,20 +29,13 @@ from gpt2fast.model import GPT2
 from gpt2fast.ops import reference
 from gpt2fast.testing import assert_fa_close
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
 
-def _backend(name: str, marks=()):
-    status = ops.backend_status(name, DEVICE)
-    skip = pytest.mark.skipif(not status.available, reason=f"{name} unavailable: {status.reason}")
-    return pytest.param(name, marks=[skip, *marks], id=name)
-
-
 #: The kernels: triton under the interpreter on CPU (the GPU when there is one); cuda on a GPU only.
-KERNELS = [_backend("triton"), _backend("cuda", marks=[pytest.mark.gpu])]
+KERNELS = [backend_param("triton"), backend_param("cuda", marks=[pytest.mark.gpu])]
 #: The kernels and the reference backend.
-BACKENDS = [_backend("reference"), *KERNELS]
+BACKENDS = [backend_param("reference"), *KERNELS]
 # The kernels' tanh is 2/(1 + exp(-2x)) - 1: exp overflowing to inf for large |x| is intended (it saturates to
 # ±1), but Triton's interpreter computes it with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
