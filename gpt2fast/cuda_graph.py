@@ -277,7 +277,7 @@ def _check_model(model, state: object) -> None:
 def make_graph_step(model, state: object, eager_step: Step) -> Step:
     """Return ``step(tokens[B]) -> next_tokens[B]`` that replays a CUDA graph of ``eager_step``.
 
-    ``eager_step`` must be ``state.select(model.decode_step(tokens))`` (see
+    ``eager_step`` must be ``state.select(model.decode_step(tokens, check_ids=False))`` (see
     :func:`gpt2fast.generation.make_step`): it reads ``tokens`` and updates ``model.cache`` and ``state`` in
     place.  The graph is captured at the first call, or reused from the model's graph cache (then
     ``state`` is re-pointed at the cached graph's buffers, see the module docstring).  Raises

@@ -74,7 +74,7 @@ def make_step(model, state: DecodeState, use_cuda_graph: bool | None = None) -> 
     """
 
     def eager_step(tokens: torch.Tensor) -> torch.Tensor:
-        return state.select(model.decode_step(tokens))
+        return state.select(model.decode_step(tokens, check_ids=False))
 
     if model.wte.weight.device.type == "cuda" and use_cuda_graph is not False:
         try:

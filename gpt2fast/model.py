@@ -155,6 +155,9 @@ class GPT2(nn.Module):
         """(Re)allocate the static KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         c = self.config
         max_len = c.n_positions if max_len is None else max_len
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if not 1 <= max_len <= c.n_positions:
             raise ValueError(f"max_len must be in [1, n_positions={c.n_positions}], got {max_len}")
         if batch_size < 1:
@@ -188,6 +191,13 @@ class GPT2(nn.Module):
             raise ValueError(f"prompt length {T} exceeds the cache's max_len {self.cache.max_len}")
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int32, device=input_ids.device)
+        if (
+            not isinstance(lengths, torch.Tensor)
+            or lengths.dtype.is_floating_point
+            or lengths.dtype == torch.bool
+            or tuple(lengths.shape) != (B,)
+        ):
+            raise ValueError(f"lengths must be an integer tensor of shape [{B}], got {lengths!r}")
         lengths = lengths.to(device=input_ids.device, dtype=torch.int32)
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 1 or hi > T:
@@ -199,12 +209,13 @@ class GPT2(nn.Module):
         return F.linear(last, self.wte.weight)
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, check_ids: bool = True) -> torch.Tensor:
         """Append one token per sequence (``[B]``) to the cache; returns next-token logits ``[B, V]``.
 
-        No host synchronisation: positions come from the on-device cache lengths, so the
-        step can be captured in a CUDA graph.  A full cache is refused through the host-side
-        bound ``cache.host_max``.
+        Positions come from the on-device cache lengths and a full cache is refused through the
+        host-side bound ``cache.host_max``.  ``check_ids`` range-checks the ids (a device read-back);
+        generation passes False (its sampled ids are in range), so its step has no host sync and can
+        be captured in a CUDA graph.
         """
         cache = self.cache
         if cache is None:
@@ -213,6 +224,8 @@ class GPT2(nn.Module):
             raise ValueError(
                 f"tokens must be integer ids [{cache.batch_size}], got {tokens.dtype} {list(tokens.shape)}"
             )
+        if check_ids and not bool(((tokens >= 0) & (tokens < self.config.vocab_size)).all()):
+            raise ValueError(f"tokens contain an id outside the vocabulary [0, {self.config.vocab_size})")
         if cache.host_max >= cache.max_len:
             raise ValueError(f"the KV cache is full ({cache.max_len} positions); cannot decode another token")
         y = self._run(tokens[:, None], cache.seqlens.long()[:, None], "decode")

@@ -183,3 +183,24 @@ def test_decode_step_refuses_a_full_cache_without_touching_it():
         model.decode_step(ids[:, 1])
     assert model.cache.seqlens.tolist() == [5, 3]
     assert torch.equal(model.cache.k, k_before)
+
+
+def test_prefill_lengths_setup_cache_and_decode_ids_are_checked():
+    """Wrongly shaped or typed prefill lengths, non-int cache sizes and out-of-vocab decode ids are refused
+    before the model runs, and the cache is untouched."""
+    _, model = pair("h3_v101")
+    ids = random_ids(101, (2, 4))
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        model.setup_cache(2.5, 8)
+    with pytest.raises(TypeError, match="max_len must be an int"):
+        model.setup_cache(2, 8.0)
+    model.setup_cache(2, 8)
+    for bad in (torch.tensor([3]), torch.tensor([3, 4, 4]), torch.tensor([2.7, 3.0]), [3, 4]):
+        with pytest.raises(ValueError, match=r"lengths must be an integer tensor of shape \[2\]"):
+            model.prefill(ids, bad)
+    assert model.cache.seqlens.tolist() == [0, 0] and not model.cache.k.any()
+    model.prefill(ids)
+    for bad in (torch.tensor([5, 101]), torch.tensor([-1, 3])):
+        with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 101\)"):
+            model.decode_step(bad)
+    assert model.cache.seqlens.tolist() == [4, 4]
