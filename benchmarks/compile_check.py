@@ -13,6 +13,7 @@ fails too (autotune configs that do not fit are skipped by the autotuner at run 
 they are only listed).  Spills are printed as defects; ``--fail-on-spill`` makes them fatal.
 
     python benchmarks/compile_check.py [--full] [--fail-on-spill] [--json out.json] [--jobs N]
+                                       [--targets 90,80] [--only attention,decode_split,...]
 """
 
 from __future__ import annotations
@@ -130,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     ap.add_argument("--targets", default="90,80", help="compute capabilities, comma separated")
+    ap.add_argument("--only", default="", help="kernel names to compile, comma separated (default: all)")
     args = ap.parse_args(argv)
 
-    _JOBS[:] = [(c, int(cc)) for cc in args.targets.split(",") for c in cases(args.full)]
+    only = set(filter(None, args.only.split(",")))
+    picked = [c for c in cases(args.full) if not only or c.kernel in only]
+    _JOBS[:] = [(c, int(cc)) for cc in args.targets.split(",") for c in picked]
     t0 = time.perf_counter()
     if args.jobs > 1:
         ctx = multiprocessing.get_context("fork")

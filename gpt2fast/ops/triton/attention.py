@@ -31,8 +31,33 @@ from gpt2fast.ops.triton._common import (
 HEAD_DIMS = (32, 64, 128)
 
 
-_TILES = ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2))
-_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _TILES]
+#: Autotuned (BLOCK_M, BLOCK_N, warps, stages) for fp16/bf16 (tensor-core dots) and for fp32 (FMA dots, far
+#: more registers); at D=128 the ones that spill registers on sm_90 are left out (benchmarks/compile_check.py).
+_HALF_TILES = ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2))
+_FP32_TILES = ((32, 32, 8, 2), (64, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2))
+_SPILL_AT_D128 = {(128, 64, 4, 3), (128, 32, 4, 3), (32, 32, 8, 2), (64, 32, 8, 2)}
+
+
+def tiles(dtype: torch.dtype, head_dim: int) -> list[tuple[int, int, int, int]]:
+    """The tiles autotuning tries for this dtype and head dim."""
+    cands = _FP32_TILES if dtype == torch.float32 else _HALF_TILES
+    return [t for t in cands if head_dim < 128 or t not in _SPILL_AT_D128]
+
+
+def _tile(cfg: triton.Config) -> tuple[int, int, int, int]:
+    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotuner hook: keep the tiles of :func:`tiles` for this launch's dtype and head dim."""
+    keep = tiles(named_args["Q"].dtype, kwargs["HEAD_DIM"])
+    return [c for c in configs if _tile(c) in keep]
+
+
+_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in dict.fromkeys(_HALF_TILES + _FP32_TILES)
+]
 
 
 @triton.jit
@@ -115,7 +140,9 @@ def _attention_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
-_attention_tuned = triton.autotune(configs=_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "CAUSAL"])(_attention_kernel)
+_attention_tuned = triton.autotune(
+    configs=_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "CAUSAL"], prune_configs_by={"early_config_prune": _prune}
+)(_attention_kernel)
 
 
 def heuristic_config(head_dim: int, dtype: torch.dtype) -> triton.Config:
@@ -160,9 +187,9 @@ def _(q, k, v, causal, scale):
 
 
 def compile_cases(full: bool = False) -> list[CompileCase]:
-    """The heuristic config for every dtype x head dim (causal; non-causal too at D=64) and all autotune
-    configs for fp16 D=64 causal (GPT-2's shape); every combination if ``full``.  Unit last-dim strides
-    are constexpr 1, as the JIT specialises them for contiguous tensors."""
+    """The heuristic config for every dtype x head dim (causal; non-causal too at D=64) and the autotune
+    configs of fp16 D=64 causal (GPT-2's shape); every combination (each dtype's own tiles) if ``full``.
+    Unit last-dim strides are constexpr 1, as the JIT specialises them for contiguous tensors."""
     cases = []
     for dtype, tname in TL_DTYPE.items():
         for d in HEAD_DIMS:
@@ -174,7 +201,8 @@ def compile_cases(full: bool = False) -> list[CompileCase]:
                 consts = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=False, PREC=dot_precision(dtype, False), **unit)
                 heur = heuristic_config(d, dtype)
                 every = full or (dtype == torch.float16 and d == 64 and causal)
-                for cfg in _CONFIGS if every else [heur]:
+                configs = [c for c in _CONFIGS if _tile(c) in tiles(dtype, d)]
+                for cfg in configs if every else [heur]:
                     c = {**consts, **cfg.kwargs}
                     types = dict(Q=ptr, K=ptr, V=ptr, O=ptr, sm_scale="fp32")
                     names = _attention_kernel.arg_names
