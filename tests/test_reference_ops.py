@@ -258,3 +258,19 @@ def test_set_backend_and_env_var(clean_backend):
     clean_backend.delenv("GPT2FAST_BACKEND")
     assert ops.get_backend() == "auto"
     assert torch.allclose(ops.bias_gelu(x, b), expected, atol=1e-6)  # auto on CPU = reference
+
+
+def test_torch_compile_fullgraph_through_public_ops_after_first_use():
+    """After one eager call resolves the backend, the public ops trace with fullgraph=True and agree."""
+    x, w, b = torch.randn(4, 8), torch.rand(8) + 0.5, torch.randn(8)
+    q = torch.randn(1, 2, 5, 32)
+
+    def f(x, w, b, q):
+        y, h = ops.layer_norm(x, w, b, residual=x, backend="reference")
+        return y, h, ops.bias_gelu(x, b, backend="reference"), ops.attention(q, q, q, backend="reference")
+
+    eager = f(x, w, b, q)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, b, q)
+    for a, c in zip(eager, compiled):
+        torch.testing.assert_close(c, a)

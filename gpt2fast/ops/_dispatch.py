@@ -86,9 +86,27 @@ def get_backend() -> str:
     return os.environ.get("GPT2FAST_BACKEND", "auto") or "auto"
 
 
+#: Backends already found usable, by (name, device): the per-op hot path is then one dict lookup, which
+#: also lets torch.compile(fullgraph=True) trace through ``gpt2fast.ops`` once each backend has been used
+#: eagerly (Dynamo does not trace the first look-up's ``importlib``; without fullgraph it graph-breaks there).
+_resolved: dict[tuple[str, torch.device], object] = {}
+
+
+def clear_cache() -> None:
+    """Forget which backends were found usable (for tests that change availability)."""
+    _resolved.clear()
+
+
 def resolve(backend: str | None, device: torch.device):
     """Return the backend module to run on ``device``; raise with a reason if it cannot."""
     name = backend if backend is not None else get_backend()
+    mod = _resolved.get((name, device))
+    if mod is None:
+        mod = _resolved[(name, device)] = _resolve_uncached(name, device)
+    return mod
+
+
+def _resolve_uncached(name: str, device: torch.device):
     if name == "auto":
         for cand in BACKENDS:
             status = backend_status(cand, device)
