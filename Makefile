@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint demo gpu-check clean
+.PHONY: venv test test-triton36 lint demo gpu-check clean
 
 # A venv that sees the system's packages, so a GPU machine keeps its own torch.
 # Without torch, install the CPU build 2.13.0 (a bare `torch` would pull a multi-GB CUDA build).
@@ -25,8 +25,19 @@ test: venv lint
 	$(BIN)/python setup.py -q build_ext --inplace
 	$(BIN)/python benchmarks/ptxas_check.py --json out/ptxas.json
 	$(BIN)/python -m pytest -q tests
-	$(BIN)/python benchmarks/compile_check.py
+	$(BIN)/python benchmarks/compile_check.py --json out/compile_check.json
+	$(MAKE) test-triton36
 	bash benchmarks/gpu_check.sh --dry-run
+
+# The lent GPU machine runs triton 3.6 while CI gets the newest triton: run the Triton tests and the
+# compile check under 3.6 too (its interpreter needs numpy < 2.4), so an API drift shows up here first.
+TRITON36 := .triton36
+$(TRITON36)/triton:
+	$(BIN)/python -m pip install -q --no-deps --target $(TRITON36) triton==3.6.0 "numpy<2.4"
+
+test-triton36: venv $(TRITON36)/triton
+	PYTHONPATH=$(TRITON36) $(BIN)/python -m pytest -q tests/test_triton_ops.py tests/test_triton_model.py
+	PYTHONPATH=$(TRITON36) $(BIN)/python benchmarks/compile_check.py --json out/compile_check_triton36.json
 
 demo: venv
 	$(BIN)/gpt2fast generate --random gpt2 --prompt "The fastest GPT-2 kernels" --max-new-tokens 32
@@ -37,4 +48,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh out/gpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info gpt2fast/_C*.so
+	rm -rf $(VENV) $(TRITON36) build out *.egg-info gpt2fast/_C*.so
