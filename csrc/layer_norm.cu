@@ -2,6 +2,9 @@
 // ones.  128-bit loads when n and every pointer/stride allow it, scalar loads otherwise.
 // Statistics in fp32 and exact two-pass (mean, then mean squared deviation), so the variance has
 // no cancellation even when |mean| >> std; the second and third reads of the row hit L1/L2.
+// Both passes work on v - v0 (v0 = the row's first element, one cached broadcast load): the
+// shifted values are small when |mean| >> std, so the fp32 sum of pass 1 and hence the mean are
+// accurate to the shifted values' scale, not to |mean|'s.
 // The statistics use the unrounded fp32 x + residual; h is written rounded to the input dtype.
 #include "common.cuh"
 
@@ -70,8 +73,11 @@ __global__ void layer_norm_kernel(const T* __restrict__ x, int64_t x_stride, con
   const int nchunks = n / C::kSize;
 
   const float inv_n = 1.f / static_cast<float>(n);
+  // The shift: exactly the fp32 value load_sum computes for element 0 (same operations).
+  float shift = to_float(xr[0]);
+  if constexpr (kResidual) shift += to_float(rr[0]);
 
-  // Pass 1: the mean (and h = x + residual, rounded to T, written out).
+  // Pass 1: the shifted mean (and h = x + residual, rounded to T, written out).
   float s1 = 0.f;
   for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
     const int64_t off = static_cast<int64_t>(c) * C::kSize;
@@ -84,9 +90,9 @@ __global__ void layer_norm_kernel(const T* __restrict__ x, int64_t x_stride, con
       hs.store(h + row * static_cast<int64_t>(n) + off);
     }
 #pragma unroll
-    for (int i = 0; i < C::kSize; ++i) s1 += f[i];
+    for (int i = 0; i < C::kSize; ++i) s1 += f[i] - shift;
   }
-  const float mean = row_sum(s1, scratch[0]) * inv_n;
+  const float mean_s = row_sum(s1, scratch[0]) * inv_n;  // mean(v - v0)
 
   // Pass 2: the variance as the mean of squared deviations (no cancellation); the row is
   // re-read from L1/L2.
@@ -95,7 +101,10 @@ __global__ void layer_norm_kernel(const T* __restrict__ x, int64_t x_stride, con
     float f[C::kSize];
     load_sum<T, kVec, kResidual>(xr, rr, static_cast<int64_t>(c) * C::kSize, f);
 #pragma unroll
-    for (int i = 0; i < C::kSize; ++i) s2 = fmaf(f[i] - mean, f[i] - mean, s2);
+    for (int i = 0; i < C::kSize; ++i) {
+      const float dv = (f[i] - shift) - mean_s;
+      s2 = fmaf(dv, dv, s2);
+    }
   }
   const float rstd = rsqrtf(row_sum(s2, scratch[1]) * inv_n + eps);
 
@@ -110,7 +119,7 @@ __global__ void layer_norm_kernel(const T* __restrict__ x, int64_t x_stride, con
     load_sum<T, kVec, kResidual>(xr, rr, off, f);
 #pragma unroll
     for (int i = 0; i < C::kSize; ++i)
-      out.v[i] = from_float<T>((f[i] - mean) * rstd * to_float(w.v[i]) + to_float(b.v[i]));
+      out.v[i] = from_float<T>(((f[i] - shift) - mean_s) * rstd * to_float(w.v[i]) + to_float(b.v[i]));
     out.store(yr + off);
   }
 }
