@@ -74,6 +74,23 @@ def test_layer_norm(dtype, shape, residual):
     check(out, ref32, base, f"layer_norm {shape}")
 
 
+@pytest.mark.parametrize("n", [768, 1600])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_huge_mean_tiny_spread_vs_fp64(n, residual):
+    # Rows of 1e4 + N(0, 1e-2) in fp32: unshifted fp32 statistics are off by ~0.15 after normalising (as is
+    # torch's fp32 CPU LayerNorm, so the baseline is the fp64 result rounded to fp32, not torch's fp32 run).
+    g = torch.Generator().manual_seed(0)
+    h = (1e4 + 1e-2 * torch.randn(3, n, generator=g, dtype=torch.float64)).float()
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    r = (1e-2 * torch.randn(3, n, generator=g)) if residual else None
+    x = h if r is None else h - r  # x + r rounds back to (about) h
+    x, w, b, r = (None if t is None else t.to(DEVICE) for t in (x, w, b, r))
+    out = ops.layer_norm(x, w, b, 1e-5, residual=r, backend="triton")
+    y, h = out if residual else (out, x)
+    ref64 = torch.nn.functional.layer_norm(h.double(), (n,), w.double(), b.double(), 1e-5)
+    assert_fa_close(y, ref64, msg=f"layer_norm 1e4+N(0,1e-2) n={n} residual={residual}")
+
+
 def test_layer_norm_noncontiguous_input():
     x = rand(6, 4, 768).transpose(0, 1)
     w, b = rand(768), rand(768)

@@ -1,7 +1,8 @@
 """LayerNorm (optionally fused with the residual add) as one Triton program per row.
 
 Each program reads its row once, keeps it in registers, computes mean and variance in
-fp32 (two reductions over the registers, not a second read of memory) and writes
+fp32 of the row shifted by its first element (reductions over the registers, not a second
+read of memory; the shift keeps rows with a huge mean and a tiny variance accurate) and writes
 ``LN(h)``; with a residual it first forms ``h = x + residual``, stores it, and normalises
 the stored (rounded) ``h`` so the residual stream and the normalised value agree.
 Any N up to :data:`MAX_N` works; N need not be a power of two (the row is masked).
@@ -32,8 +33,11 @@ def _layer_norm_kernel(X, R, W, B, Y, H, N, eps, HAS_RESIDUAL: tl.constexpr, BLO
         h = (x + r).to(H.dtype.element_ty)
         tl.store(H + row + cols, h, mask=mask)
         x = h.to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    diff = tl.where(mask, x - mean, 0.0)
+    # Statistics of the row shifted by its first element (exact subtraction near the mean), so a huge mean
+    # with a tiny spread does not drown the variance in the rounding of an fp32 sum; x0 comes from registers.
+    x0 = tl.sum(tl.where(cols == 0, x, 0.0), axis=0)
+    x = tl.where(mask, x - x0, 0.0)
+    diff = tl.where(mask, x - tl.sum(x, axis=0) / N, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
