@@ -382,8 +382,11 @@ void launch(const AttnParams<T>& p, int batch, cudaStream_t stream) {
 int attention(int dtype, const void* q, const void* k, const void* v, void* out, int batch, int heads, int seqlen,
               int head_dim, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, bool causal,
               float scale, void* stream, int device) {
-  if (batch <= 0 || heads <= 0 || seqlen <= 0 || batch > 65535 || heads > 65535) return cudaErrorInvalidValue;
-  G2F_RETURN_IF_ERROR(prepare_launch(device));
+  // seqlen <= 2^30: q_start + tile and n_start + tile stay within int.
+  if (batch <= 0 || heads <= 0 || seqlen <= 0 || seqlen > (1 << 30) || batch > 65535 || heads > 65535)
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(device);  // restores the caller's device on return
+  G2F_RETURN_IF_ERROR(guard.status());
   auto s = static_cast<cudaStream_t>(stream);
   G2F_DISPATCH_DTYPE(dtype, T, {
     AttnParams<T> p;

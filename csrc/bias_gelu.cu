@@ -46,7 +46,8 @@ void launch(const T* x, int64_t xs, const T* b, T* y, int64_t rows, int64_t n, c
 int bias_gelu(int dtype, const void* x, int64_t x_stride, const void* bias, void* y, int64_t rows, int64_t n,
               void* stream, int device) {
   if (rows <= 0 || n <= 0) return cudaErrorInvalidValue;
-  G2F_RETURN_IF_ERROR(prepare_launch(device));
+  DeviceGuard guard(device);  // restores the caller's device on return
+  G2F_RETURN_IF_ERROR(guard.status());
   auto s = static_cast<cudaStream_t>(stream);
   G2F_DISPATCH_DTYPE(dtype, T, {
     constexpr int kVecW = Vec<T>::kSize;

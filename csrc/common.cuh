@@ -112,18 +112,35 @@ struct Strides {
 // ---------------------------------------------------------------- host side
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Make `device` the current device of this (statically linked) runtime, then check
-// that no earlier error is pending.  Returns a cudaError_t as int.
-inline int prepare_launch(int device) {
-  int cur = -1;
-  cudaError_t err = cudaGetDevice(&cur);
-  if (err != cudaSuccess) return static_cast<int>(err);
-  if (cur != device) {
-    err = cudaSetDevice(device);
-    if (err != cudaSuccess) return static_cast<int>(err);
+// Makes `device` current for one entry point's launches and restores the caller's device on
+// destruction: this (statically linked) runtime shares the thread's current context with
+// PyTorch's runtime, so a bare cudaSetDevice would change torch.cuda.current_device() behind
+// PyTorch's back.  It first drops a stale non-sticky error of this runtime (already reported by an
+// earlier call, or left by a failed restore), so that launch_status() reports this call's own
+// launches; sticky errors (a faulted context) resurface at the launch anyway.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    (void)cudaGetLastError();
+    status_ = cudaGetDevice(&prev_);
+    if (status_ == cudaSuccess && prev_ != device) {
+      status_ = cudaSetDevice(device);
+      restore_ = status_ == cudaSuccess;
+    }
   }
-  return static_cast<int>(cudaSuccess);
-}
+  ~DeviceGuard() {
+    if (restore_) (void)cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  // cudaSuccess (as int) when `device` is current.
+  int status() const { return static_cast<int>(status_); }
+
+ private:
+  int prev_ = -1;
+  bool restore_ = false;
+  cudaError_t status_ = cudaSuccess;
+};
 
 // The launch status of the kernel(s) just enqueued.
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }

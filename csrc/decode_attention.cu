@@ -201,9 +201,13 @@ int decode_attention(int dtype, const void* q, const int64_t* q_strides, void* k
                      int t_max, int head_dim, int num_splits, float scale, void* stream, int device) {
   if (batch <= 0 || heads <= 0 || t_max <= 0 || num_splits <= 0 || heads > 65535 || batch > 65535)
     return cudaErrorInvalidValue;
+  // The combine kernel's grid is B*H blocks (gridDim.x <= 2^31 - 1); the split kernel's positions
+  // split*chunk + chunk must not overflow int.
+  if (int64_t{batch} * heads > 0x7fffffffLL || t_max > (1 << 30) || num_splits > t_max) return cudaErrorInvalidValue;
   if (num_splits > 1 && (o_part == nullptr || lse == nullptr)) return cudaErrorInvalidValue;
   if ((k_new == nullptr) != (v_new == nullptr)) return cudaErrorInvalidValue;
-  G2F_RETURN_IF_ERROR(prepare_launch(device));
+  DeviceGuard guard(device);  // restores the caller's device on return
+  G2F_RETURN_IF_ERROR(guard.status());
   auto s = static_cast<cudaStream_t>(stream);
   G2F_DISPATCH_DTYPE(dtype, T, {
     DecodeParams<T> p;

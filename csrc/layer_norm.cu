@@ -134,7 +134,7 @@ void launch(const T* x, int64_t xs, const T* r, int64_t rs, const T* w, const T*
     const int64_t grid = (rows + 3) / 4;
     layer_norm_kernel<T, kVec, kResidual>
         <<<static_cast<unsigned>(grid), block, 0, stream>>>(x, xs, r, rs, w, b, y, h, rows, n, eps);
-  } else {  // long rows: a block per row, up to 1024 threads, a multiple of 32
+  } else {  // long rows: a block per row (rows <= 2^31 - 1 = gridDim.x's limit, checked by the caller)
     int threads = ((nchunks / 2 + 31) / 32) * 32;
     threads = threads < 64 ? 64 : (threads > 1024 ? 1024 : threads);
     layer_norm_kernel<T, kVec, kResidual>
@@ -147,9 +147,13 @@ void launch(const T* x, int64_t xs, const T* r, int64_t rs, const T* w, const T*
 int layer_norm(int dtype, const void* x, int64_t x_stride, const void* residual, int64_t res_stride,
                const void* weight, const void* bias, void* y, void* h, int64_t rows, int64_t n, float eps,
                void* stream, int device) {
+  // gridDim.x <= 2^31 - 1: ceil(rows / 4) blocks for short rows, one block per row for long ones
+  // (which have n > 256).
   if (rows <= 0 || n <= 0 || n > (int64_t{1} << 30) || rows > 0x7fffffffLL * 4) return cudaErrorInvalidValue;
+  if (n > 256 && rows > 0x7fffffffLL) return cudaErrorInvalidValue;
   if ((residual == nullptr) != (h == nullptr)) return cudaErrorInvalidValue;
-  G2F_RETURN_IF_ERROR(prepare_launch(device));
+  DeviceGuard guard(device);  // restores the caller's device on return
+  G2F_RETURN_IF_ERROR(guard.status());
   auto s = static_cast<cudaStream_t>(stream);
   G2F_DISPATCH_DTYPE(dtype, T, {
     const int vec = Vec<T>::kSize;

@@ -170,6 +170,29 @@ def test_decode_cpu_refused(ext):
         cuda.decode_attention(q, kc, vc, sl, kn, vn, None)
 
 
+def _meta(*shape, dtype=torch.float16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def test_int32_and_grid_limits(ext):
+    """Sizes past the kernels' int32 position math or grid limits are refused (meta tensors: no memory)."""
+    q = _meta(1, 1, 2**30 + 1, 32)
+    with pytest.raises(ValueError, match=r"T must be <= 2\*\*30"):
+        cuda.attention(q, q, q, True, None)
+    qd, kc = _meta(1, 1, 32), _meta(1, 1, 2**30 + 1, 32)
+    sl = torch.empty(1, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match=r"T_max must be <= 2\*\*30"):
+        cuda.decode_attention(qd, kc, kc, sl, None, None, None)
+    qd, kc = _meta(65535, 65535, 32), _meta(65535, 65535, 1, 32)
+    sl = torch.empty(65535, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match=r"B\*H must be <= 2\*\*31 - 1"):
+        cuda.decode_attention(qd, kc, kc, sl, None, None, None)
+    with pytest.raises(ValueError, match=r"N <= 2\*\*30"):
+        cuda.layer_norm(_meta(2, 2**30 + 8), _meta(2**30 + 8), _meta(2**30 + 8), 1e-5, None)
+    with pytest.raises(ValueError, match="exceeds the grid limit"):
+        cuda.layer_norm(_meta(2**31, 264), _meta(264), _meta(264), 1e-5, None)
+
+
 # ----------------------------------------------------------------------------- availability
 def test_not_built(monkeypatch):
     monkeypatch.setattr(cuda, "_load_ext", lambda: None)

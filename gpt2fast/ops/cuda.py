@@ -30,6 +30,8 @@ _sm_count: dict[int, int] = {}
 
 HEAD_DIMS = (32, 64, 128)
 MAX_SPLITS = 64
+INT32_MAX = 2**31 - 1
+MAX_SEQ = 2**30  # T / T_max bound: the kernels' int32 position math (position + tile) cannot overflow
 
 
 class CudaBackendError(RuntimeError):
@@ -199,6 +201,20 @@ def _check_grid(batch: int, heads: int) -> None:
         raise ValueError(f"cuda backend: B and H must be <= 65535 (grid limits), got B={batch}, H={heads}")
 
 
+def _check_seq(name: str, t: int) -> None:
+    if t > MAX_SEQ:
+        raise ValueError(f"cuda backend: {name} must be <= 2**30 (int32 position math in the kernels), got {t}")
+
+
+def _check_ln_size(rows: int, n: int) -> None:
+    """The layer_norm kernel's limits: N <= 2**30; grid of ceil(rows / 4) blocks (N <= 256) or rows blocks."""
+    if n > 2**30:
+        raise ValueError(f"cuda backend: layer_norm rows must have N <= 2**30 elements, got {n}")
+    limit = INT32_MAX if n > 256 else 4 * INT32_MAX
+    if rows > limit:
+        raise ValueError(f"cuda backend: layer_norm over {rows} rows of {n} exceeds the grid limit ({limit} rows)")
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -331,7 +347,8 @@ def layer_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``."""
     _dtype_code("x", x)
-    _rows("x", x)
+    x2, _ = _rows("x", x)
+    _check_ln_size(x2.shape[0], x2.shape[1])
     if residual is not None:
         _rows("residual", residual)
     _check_contiguous_1d("weight", weight)
@@ -360,8 +377,7 @@ def attention(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_vec_aligned(name, t, 3)
     _check_grid(q.shape[0], q.shape[1])
-    if q.shape[2] >= 2**31:
-        raise ValueError(f"cuda backend: T must be < 2**31, got {q.shape[2]}")
+    _check_seq("T", q.shape[2])
     _check_device(q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _attention_op(q, k, v, bool(causal), scale)
@@ -388,8 +404,9 @@ def decode_attention(
     if cache_seqlens.dim() != 1 or (cache_seqlens.shape[0] > 1 and cache_seqlens.stride(0) != 1):
         raise ValueError(f"cuda backend: cache_seqlens must be contiguous, got strides {tuple(cache_seqlens.stride())}")
     _check_grid(q.shape[0], q.shape[1])
-    if k_cache.shape[2] >= 2**31:
-        raise ValueError(f"cuda backend: T_max must be < 2**31, got {k_cache.shape[2]}")
+    if q.shape[0] * q.shape[1] > INT32_MAX:
+        raise ValueError(f"cuda backend: B*H must be <= 2**31 - 1 (combine kernel grid), got {q.shape[0] * q.shape[1]}")
+    _check_seq("T_max", k_cache.shape[2])
     _check_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
