@@ -360,6 +360,14 @@ def test_gpu_decode_large(dtype, bh):
 
 
 @pytest.mark.gpu
+def test_gpu_more_than_65535_batch_heads():
+    # Grid dims 1 and 2 stop at 65535: B*H = 69632 must not land on one of them (launch error otherwise).
+    b, h = 4096, 17
+    attention_parity(*(rand(b, h, 16, 32, dtype=torch.float16) for _ in range(3)), True)
+    decode_parity(*decode_case(b, h, 16, 32, [15] * b, torch.float16, True))
+
+
+@pytest.mark.gpu
 def test_gpu_decode_cuda_graph_replay():
     q, kc, vc, sl, kn, vn = decode_case(2, 12, 256, 64, [10, 200], torch.float16, True)
     static = [t.clone() for t in (q, kc, vc, sl, kn, vn)]

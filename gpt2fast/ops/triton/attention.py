@@ -99,15 +99,15 @@ def _attention_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
-    H, T, T_BUCKET,
+    T, T_BUCKET,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # T_BUCKET (next power of two of T) is only an autotuning key.
+    # T_BUCKET (next power of two of T) is only an autotuning key.  Grid (query blocks, H, B): grid dims
+    # 1 and 2 are limited to 65535 each, so B and H get one each rather than B*H sharing one.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -174,9 +174,9 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     B, H, T, D = q.shape
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     upcast = upcast_for_interpreter(q.dtype)
-    args = (q, k, v, o, scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T, next_pow2(T))
+    args = (q, k, v, o, scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, next_pow2(T))
     consts = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast, PREC=dot_precision(q.dtype, upcast))
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)
     launch(_attention_kernel, _attention_tuned, grid, args, consts, heuristic_config(D, q.dtype))
     return o
 
@@ -206,7 +206,7 @@ def compile_cases(full: bool = False) -> list[CompileCase]:
                     c = {**consts, **cfg.kwargs}
                     types = dict(Q=ptr, K=ptr, V=ptr, O=ptr, sm_scale="fp32")
                     names = _attention_kernel.arg_names
-                    types.update({n: "i32" for n in names if n.startswith(("stride", "T", "H")) and n not in c})
+                    types.update({n: "i32" for n in names if n.startswith(("stride", "T")) and n not in c})
                     sig = signature(_attention_kernel, types, c)
                     w, s = cfg.num_warps, cfg.num_stages
                     is_heur = cfg.kwargs == heur.kwargs and (w, s) == (heur.num_warps, heur.num_stages)

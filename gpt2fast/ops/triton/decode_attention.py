@@ -1,7 +1,7 @@
 """Single-token attention against a KV cache by flash-decoding, as two Triton kernels.
 
 The cache length is cut into ``num_splits`` slices of ``split_len`` positions.  The split
-kernel runs one program per (slice, batch·head): it reads that sequence's length from
+kernel runs one program per (batch·head, slice): it reads that sequence's length from
 ``cache_seqlens`` in device memory (no host sync, so one compiled launch serves every
 step and CUDA graphs can capture it), folds its slice into an fp32 online softmax and
 writes a normalised partial output plus its log-sum-exp (log2 domain).  The combine
@@ -56,8 +56,8 @@ def _decode_split_kernel(
     H, T_max, SPLIT_LEN, NUM_SPLITS,
     HEAD_DIM: tl.constexpr, HAS_NEW: tl.constexpr, DIRECT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # B*H on grid dim 0 (up to 2**31 - 1; dims 1 and 2 stop at 65535)
+    split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     seqlen = tl.load(Seqlens + b)
@@ -185,7 +185,7 @@ def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_spli
         H, t_max, split_len, splits,
     )  # fmt: skip
     consts = dict(HEAD_DIM=D, HAS_NEW=has_new, DIRECT=direct)
-    launch(_decode_split_kernel, _decode_split_tuned, (splits, B * H), args, consts, heuristic_config(D))
+    launch(_decode_split_kernel, _decode_split_tuned, (B * H, splits), args, consts, heuristic_config(D))
     if not direct:
         cfg = triton.Config({}, num_warps=1 if interpreting() else 4, num_stages=1)
         consts = dict(HEAD_DIM=D, SPLITS_POW2=next_pow2(splits))
