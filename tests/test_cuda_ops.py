@@ -182,6 +182,33 @@ def test_decode_split_counts(dtype, b, h, t_max):
     _check_decode(*_decode_case(b, h, t_max, 64, dtype, seqlens, True), scale=0.2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_append_on_split_boundaries(dtype):
+    """The append slot at the first and last position of a split, next to empty splits (lse = -inf)."""
+    from gpt2fast.ops import cuda
+
+    b, h, t_max = 5, 1, 4096
+    splits = cuda.choose_splits(b * h, t_max, cuda._num_sms(torch.cuda.current_device()))
+    chunk = -(-t_max // splits)
+    assert splits > 2, "this case needs several splits"
+    seqlens = [chunk - 1, chunk, 2 * chunk - 1, 0, t_max - 1]
+    _check_decode(*_decode_case(b, h, t_max, 64, dtype, seqlens, True))
+    _check_decode(*_decode_case(b, h, t_max, 64, dtype, [chunk, chunk + 1, 2 * chunk, 0, t_max], False))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launch_keeps_current_device():
+    """A launch on another device (custom op called directly, as compiled code does) leaves the current device."""
+    from gpt2fast.ops import cuda
+
+    x = torch.randn(3, 64, device="cuda:1")
+    w, b = torch.ones(64, device="cuda:1"), torch.zeros(64, device="cuda:1")
+    with torch.cuda.device(0):
+        y = cuda._layer_norm_op(x, w, b, 1e-5)
+        assert torch.cuda.current_device() == 0
+    assert_fa_close(y, reference.layer_norm(x, w, b, 1e-5))
+
+
 def test_decode_model_views():
     """q/k_new/v_new as the model passes them: [:, 0] slices of a [B, 1, 3, H, D] view."""
     B, H, D, T_max = 3, 4, 64, 40
