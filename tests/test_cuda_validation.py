@@ -193,6 +193,20 @@ def test_int32_and_grid_limits(ext):
         cuda.layer_norm(_meta(2**31, 264), _meta(264), _meta(264), 1e-5, None)
 
 
+@pytest.mark.parametrize("value", [1e-39, 1e-300, 2e38])
+def test_eps_and_scale_outside_fp32(ext, value):
+    """eps / scale that round to 0 (or overflow) in the kernels' fp32 are refused, not silently changed."""
+    x, w, b = _ln_args()
+    with pytest.raises(ValueError, match=r"eps = .* outside"):
+        cuda.layer_norm(x, w, b, value, None)
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"scale = .* outside"):
+        cuda.attention(q, q, q, True, value)
+    q, kc, vc, sl, kn, vn = _decode_args()
+    with pytest.raises(ValueError, match=r"scale = .* outside"):
+        cuda.decode_attention(q, kc, vc, sl, kn, vn, value)
+
+
 # ----------------------------------------------------------------------------- availability
 def test_not_built(monkeypatch):
     monkeypatch.setattr(cuda, "_load_ext", lambda: None)

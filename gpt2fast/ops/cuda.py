@@ -206,6 +206,19 @@ def _check_seq(name: str, t: int) -> None:
         raise ValueError(f"cuda backend: {name} must be <= 2**30 (int32 position math in the kernels), got {t}")
 
 
+FP32_MIN_NORMAL = 1.1754943508222875e-38
+FP32_MAX = 3.4028234663852886e38
+
+
+def _check_fp32_param(name: str, value: float) -> None:
+    """The kernels use ``value`` in fp32 (scale times log2(e)): it must stay a normal, finite fp32 number."""
+    if not FP32_MIN_NORMAL <= value <= FP32_MAX / 2:
+        raise ValueError(
+            f"cuda backend: {name} = {value!r} is outside [{FP32_MIN_NORMAL:g}, {FP32_MAX / 2:g}]; the kernels use "
+            "it in fp32, where it would round to 0 or overflow"
+        )
+
+
 def _check_ln_size(rows: int, n: int) -> None:
     """The layer_norm kernel's limits: N <= 2**30; grid of ceil(rows / 4) blocks (N <= 256) or rows blocks."""
     if n > 2**30:
@@ -353,6 +366,7 @@ def layer_norm(
         _rows("residual", residual)
     _check_contiguous_1d("weight", weight)
     _check_contiguous_1d("bias", bias)
+    _check_fp32_param("eps", float(eps))
     _check_device(x=x, weight=weight, bias=bias, residual=residual)
     if residual is None:
         return _layer_norm_op(x, weight, bias, float(eps))
@@ -378,8 +392,9 @@ def attention(
         _check_vec_aligned(name, t, 3)
     _check_grid(q.shape[0], q.shape[1])
     _check_seq("T", q.shape[2])
-    _check_device(q=q, k=k, v=v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    _check_fp32_param("scale", scale)
+    _check_device(q=q, k=k, v=v)
     return _attention_op(q, k, v, bool(causal), scale)
 
 
@@ -407,6 +422,7 @@ def decode_attention(
     if q.shape[0] * q.shape[1] > INT32_MAX:
         raise ValueError(f"cuda backend: B*H must be <= 2**31 - 1 (combine kernel grid), got {q.shape[0] * q.shape[1]}")
     _check_seq("T_max", k_cache.shape[2])
-    _check_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    _check_fp32_param("scale", scale)
+    _check_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new)
     return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
