@@ -228,6 +228,19 @@ def test_decode_strided_caches_and_scale():
     assert torch.equal(big_k[:, :, :32], kc_r) and torch.equal(big_v[:, :, :32], vc_r)
 
 
+@pytest.mark.parametrize("same_new_strides", [True, False])
+def test_decode_qkv_projection_views(same_new_strides):
+    # q, k_new, v_new as the model passes them: [B, H, D] views of one [B, 3, H, D] projection (read in place),
+    # or a v_new with other strides than k_new (both copied).
+    b, h, d = 3, 2, 64
+    q, kn, vn = rand(b, 3, h, d).unbind(1)
+    if not same_new_strides:
+        vn = vn.contiguous()
+    _, kc, vc, sl, _, _ = decode_case(b, h, 20, d, [0, 7, 19], torch.float32, True)
+    decode_parity(q, kc, vc, sl, kn, vn)
+    decode_parity(q, kc, vc, sl, kn, vn, num_splits=3)
+
+
 @settings(max_examples=6, deadline=None)
 @given(
     data=st.data(),

@@ -168,11 +168,15 @@ def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_spli
     splits, split_len = split_plan(B * H, t_max, q.device)
     if num_splits is not None:
         splits, split_len = num_splits, triton.cdiv(t_max, num_splits)
-    q = q.contiguous()
+    # q, k_new, v_new are read through their batch/head strides (the model passes views of its QKV projection):
+    # copies only for a non-unit last stride, or for k_new/v_new whose strides differ (they share one pair).
+    q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     has_new = k_new is not None
-    k_new = k_new.contiguous() if has_new else q
-    v_new = v_new.contiguous() if has_new else q
+    if has_new and (k_new.stride() != v_new.stride() or k_new.stride(-1) != 1):
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    if not has_new:
+        k_new = v_new = q  # unused
     direct = splits == 1
     if direct:
         opart = lse = out  # unused
