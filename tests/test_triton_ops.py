@@ -241,6 +241,30 @@ def test_decode_qkv_projection_views(same_new_strides):
     decode_parity(q, kc, vc, sl, kn, vn, num_splits=3)
 
 
+def test_decode_launch_arguments_do_not_change_between_steps(monkeypatch):
+    # One compiled kernel (and one autotune key) for every decode step, and CUDA-graph replayable: the grid and
+    # every non-tensor argument (ints are JIT-specialised, constexprs and autotune keys select the binary) must
+    # not depend on the lengths, which the kernel reads from device memory.
+    launches = []
+
+    def record(kernel, tuned, grid, args, consts, config):
+        plain = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+        launches.append((kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), grid, plain, consts, config))
+        real_launch(kernel, tuned, grid, args, consts, config)
+
+    real_launch = decode_mod.launch
+    monkeypatch.setattr(decode_mod, "launch", record)
+    q, kc, vc, sl, kn, vn = decode_case(2, 2, 40, 32, [0, 3], torch.float16, True)
+    steps = []
+    for lengths in ([0, 3], [1, 4], [17, 38]):
+        launches.clear()
+        sl.copy_(torch.tensor(lengths, dtype=torch.int32))
+        ops.decode_attention(q, kc, vc, sl, kn, vn, backend="triton")
+        steps.append([(name, grid, plain, consts, str(cfg)) for name, grid, plain, consts, cfg in launches])
+    assert len(steps[0]) == 2, "expected the split and the combine launch"
+    assert steps[0] == steps[1] == steps[2]
+
+
 @settings(max_examples=6, deadline=None)
 @given(
     data=st.data(),

@@ -129,6 +129,10 @@ def _decode_combine_kernel(Opart, Lse, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, SP
     tl.store(O + pid_bh * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
 
 
+# Autotuning runs the split kernel several times on the real arguments.  That is safe without
+# ``restore_value``: its only write to an input is the append, which stores k_new/v_new (never read
+# back in the launch) at seqlens[b], so every repeat writes the same values.  The key is fixed per
+# (B*H, T_max, dtype): no step re-tunes, and a CUDA graph captures an already-tuned launch.
 _decode_split_tuned = triton.autotune(configs=_CONFIGS, key=["SPLIT_LEN", "HEAD_DIM", "HAS_NEW", "DIRECT"])(
     _decode_split_kernel
 )
