@@ -356,6 +356,15 @@ def test_rejects_strides_beyond_int32_slices():
         decode_mod.check(ok[:, :, 0], huge, ok)
 
 
+@pytest.mark.parametrize("bh", [(65536, 1), (1, 65536)])
+def test_attention_rejects_batch_or_heads_beyond_grid_limit(bh):
+    attention_mod = importlib.import_module("gpt2fast.ops.triton.attention")
+    attention_mod.check(*(torch.empty(65535, 65535, 1, 32, device="meta"),) * 3)
+    q = torch.empty(*bh, 1, 32, device="meta")
+    with pytest.raises(ValueError, match=f"B={bh[0]}, H={bh[1]}"):
+        attention_mod.check(q, q, q)
+
+
 def test_layer_norm_rejects_too_wide_rows():
     x = rand(1, 16385)
     with pytest.raises(ValueError, match="N must be <= 16384"):

@@ -29,6 +29,8 @@ from gpt2fast.ops.triton._common import (
 
 #: Head dims the kernel is compiled for.
 HEAD_DIMS = (32, 64, 128)
+#: CUDA's limit on grid dims 1 and 2, which carry H and B.
+MAX_GRID_YZ = 65535
 
 
 #: Autotuned (BLOCK_M, BLOCK_N, warps, stages) for fp16/bf16 (tensor-core dots) and for fp32 (FMA dots, far
@@ -159,11 +161,17 @@ def heuristic_config(head_dim: int, dtype: torch.dtype) -> triton.Config:
 
 
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Backend-specific checks, before any launch: a head dim the kernel is built for, and strides whose
-    per-(batch, head) offsets fit in int32 (any layout is followed otherwise, no copies)."""
+    """Backend-specific checks, before any launch: a head dim the kernel is built for, B and H within the
+    grid limit, and strides whose per-(batch, head) offsets fit in int32 (any layout is followed otherwise,
+    no copies)."""
     d = q.shape[-1]
     if d not in HEAD_DIMS:
         raise ValueError(f"triton attention supports head dims {HEAD_DIMS}; got q with D={d}")
+    if max(q.shape[0], q.shape[1]) > MAX_GRID_YZ:
+        raise ValueError(
+            f"triton attention launches B and H on CUDA grid dims limited to {MAX_GRID_YZ}; "
+            f"got q with B={q.shape[0]}, H={q.shape[1]}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_int32_span(name, t, (2, 3))
 
