@@ -414,15 +414,33 @@ def test_gpu_more_than_65535_batch_heads():
 
 
 @pytest.mark.gpu
-def test_gpu_decode_cuda_graph_replay():
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_gpu_decode_cuda_graph_replay(autotune, monkeypatch):
+    # Autotuning (when on) must finish in the warm-up: a capture that tuned would synchronise and fail.
+    monkeypatch.setenv("GPT2FAST_AUTOTUNE", autotune)
     q, kc, vc, sl, kn, vn = decode_case(2, 12, 256, 64, [10, 200], torch.float16, True)
     static = [t.clone() for t in (q, kc, vc, sl, kn, vn)]
     ops.decode_attention(*static, backend="triton")  # warm up (autotune, compile) outside the graph
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = ops.decode_attention(*static, backend="triton")
-    static[3].copy_(torch.tensor([11, 201], dtype=torch.int32, device=DEVICE))
-    g.replay()
-    torch.cuda.synchronize()
-    kc_r, vc_r = static[1].clone(), static[2].clone()
-    assert_fa_close(out, reference.decode_attention(static[0], kc_r, vc_r, static[3], static[4], static[5]))
+    for lengths in ([11, 201], [0, 255]):  # nothing about the lengths is baked into the graph
+        static[3].copy_(torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+        g.replay()
+        torch.cuda.synchronize()
+        kc_r, vc_r = static[1].clone(), static[2].clone()
+        assert_fa_close(out, reference.decode_attention(static[0], kc_r, vc_r, static[3], static[4], static[5]))
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_ops_at_gpt2_small_shapes(monkeypatch):
+    # The autotuned path (whatever config wins) at GPT-2 small's shapes, even when the run disables autotuning.
+    monkeypatch.setenv("GPT2FAST_AUTOTUNE", "1")
+    dt = torch.float16
+    x, r, w, b = rand(512, 768, dtype=dt), rand(512, 768, dtype=dt), rand(768, dtype=dt), rand(768, dtype=dt)
+    out = ops.layer_norm(x, w, b, residual=r, backend="triton")
+    check(out, reference.layer_norm(up(x), up(w), up(b), 1e-5, up(r)), reference.layer_norm(x, w, b, 1e-5, r))
+    g, bg = rand(512, 3072, dtype=dt), rand(3072, dtype=dt)
+    check(ops.bias_gelu(g, bg, backend="triton"), reference.bias_gelu(up(g), up(bg)), reference.bias_gelu(g, bg))
+    attention_parity(*(rand(2, 12, 300, 64, dtype=dt) for _ in range(3)), True)
+    decode_parity(*decode_case(4, 12, 1024, 64, [0, 1, 700, 1023], dt, True))
