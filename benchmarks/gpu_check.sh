@@ -147,15 +147,22 @@ pytest_step() {  # pytest_step JUNIT_NAME ARGS...: pytest exit 5 (nothing collec
     return "$rc"
 }
 
-step_tests_gpu() { pytest_step junit_gpu -m gpu tests; }
+# Test steps on the GPU: fixed Triton configs (autotuning every shape class would eat the budget; the tests
+# that cover autotuning force it on themselves) and the "quick" hypothesis profile (10 examples per test).
+# The benchmarks keep autotuning on.
+test_env() { export GPT2FAST_AUTOTUNE="${GPT2FAST_AUTOTUNE:-0}" HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-quick}"; }
+
+step_tests_gpu() { test_env; pytest_step junit_gpu -m gpu tests; }
 
 step_tests_all() {
+    test_env
     [ "$DRY" = 1 ] && { pytest_step junit_bench tests/test_bench.py; return; }
     pytest_step junit_all -m "not gpu" tests
 }
 
 sanitizer() {
     local tool="$1"
+    test_env
     [ "$DRY" = 1 ] && skip "dry run: compute-sanitizer needs a GPU"
     local cs
     cs="$(command -v compute-sanitizer || true)"
@@ -201,7 +208,7 @@ step_report() {
 }
 
 export DRY PYTHON LOGS WORK
-export -f step_env step_build pytest_step step_tests_gpu step_tests_all sanitizer step_kernels step_e2e step_report
+export -f test_env step_env step_build pytest_step step_tests_gpu step_tests_all sanitizer step_kernels step_e2e step_report
 
 # Budgets (GPU): 30 + 150 + 90 + 100 + 60 + 40 + 180 + 150 + 30 s at most, cut further by the total budget;
 # RESERVE keeps time for the benchmarks and the report whatever the earlier steps do.

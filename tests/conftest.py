@@ -10,9 +10,11 @@ if not torch.cuda.is_available():
 import pytest
 from hypothesis import HealthCheck, settings
 
-# Hypothesis profiles: "ci" (the default; >= 50 examples where a test asks for the profile's count) and
-# "extended" (>= 500).  Pick one with HYPOTHESIS_PROFILE=extended.  A failure prints a reproducer blob.
+# Hypothesis profiles: "ci" (the default; >= 50 examples where a test asks for the profile's count),
+# "extended" (>= 500) and "quick" (10, for benchmarks/gpu_check.sh).  Pick one with
+# HYPOTHESIS_PROFILE=extended.  A failure prints a reproducer blob.
 _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("quick", max_examples=10, **_common)  # the one-shot GPU script's time budget
 settings.register_profile("ci", max_examples=50, **_common)
 settings.register_profile("extended", max_examples=500, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
