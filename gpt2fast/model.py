@@ -84,7 +84,7 @@ class CausalSelfAttention(nn.Module):
             y = y.view(B, 1, C)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-            y = ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend=model.backend)
+            y = ops.attention(q, k, v, causal=True, backend=model.backend)  # strided views: no copies
             if mode == "prefill":  # fill the cache from position 0
                 model.cache.k[layer, :B, :, :T] = k
                 model.cache.v[layer, :B, :, :T] = v
