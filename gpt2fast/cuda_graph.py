@@ -155,14 +155,18 @@ def _capture(fn: Callable[[], torch.Tensor], generator: torch.Generator | None, 
     """Capture ``fn`` into a CUDA graph; returns ``(graph, output)``.  Nothing runs: replay runs it.
 
     A user ``generator`` is registered with the graph so each replay advances it like an eager run;
-    the default CUDA generator is registered by ``torch.cuda.graph`` itself.
+    the default CUDA generator (of ``device``) is registered by ``torch.cuda.graph`` itself.
+
+    The capture stream is made on ``device``: ``torch.cuda.graph``'s default capture stream is one per
+    process, created on whichever device was current at its first use, and capturing a model on another
+    device there would record nothing of the model's work (its kernels would run eagerly on its device).
     """
-    graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        with torch.cuda.device(device):
+    with torch.cuda.device(device):
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
             graph.register_generator_state(generator)
-    with torch.cuda.graph(graph):
-        out = fn()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=device)):
+            out = fn()
     return graph, out
 
 

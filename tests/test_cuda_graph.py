@@ -115,6 +115,52 @@ def _only_entry(model) -> cuda_graph.GraphStep:
     return entries[0]
 
 
+def test_capture_uses_a_stream_on_the_models_device(monkeypatch):
+    """torch.cuda.graph's default capture stream is process-wide, made on whatever device was current at
+    its first use: a model on another GPU must be captured on a stream of its own device, with that
+    device current, or the capture records nothing of its work."""
+    events = []
+    current = ["cuda:0"]
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.device = str(torch.device(device)) if device is not None else current[0]
+
+    class FakeDevice:
+        def __init__(self, device):
+            self.device = str(torch.device(device))
+
+        def __enter__(self):
+            self.saved, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.saved
+
+    class FakeGraphCtx:
+        def __init__(self, graph, pool=None, stream=None):
+            self.stream = stream if stream is not None else FakeStream()  # like torch's default capture stream
+
+        def __enter__(self):
+            events.append(("capture on", self.stream.device, "current", current[0]))
+
+        def __exit__(self, *exc):
+            pass
+
+    class FakeCUDAGraph:
+        def register_generator_state(self, generator):
+            events.append(("register", current[0]))
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "graph", FakeGraphCtx)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
+    out = torch.ones(2)
+    graph, got = cuda_graph._capture(lambda: out, torch.Generator(), torch.device("cuda", 1))
+    assert got is out and isinstance(graph, FakeCUDAGraph)
+    assert events == [("register", "cuda:1"), ("capture on", "cuda:1", "current", "cuda:1")]
+    assert current[0] == "cuda:0"  # the caller's device is restored
+
+
 # ---- CPU: the graph-step plumbing, with a stand-in for CUDA graph capture -------------------------------
 
 
