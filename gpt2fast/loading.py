@@ -54,7 +54,8 @@ def _build_empty(config: GPT2Config, dtype: torch.dtype, backend: str | None):
 
 class _Source:
     """A flat set of named tensors: ``names``; ``shape(name)`` and ``dtype(name)`` without reading data;
-    ``get(name)`` reads one tensor."""
+    ``get(name)`` reads one tensor.  ``borrowed``: the tensors belong to a live model, so the loaded
+    model must never share their memory."""
 
     def __init__(
         self,
@@ -62,13 +63,15 @@ class _Source:
         shape: Callable[[str], tuple],
         dtype: Callable[[str], torch.dtype],
         get: Callable[[str], torch.Tensor],
+        borrowed: bool = False,
     ) -> None:
         self.names, self.shape, self.dtype, self.get = names, shape, dtype, get
+        self.borrowed = borrowed
 
     @classmethod
-    def from_dict(cls, sd: dict[str, torch.Tensor]) -> _Source:
+    def from_dict(cls, sd: dict[str, torch.Tensor], borrowed: bool = False) -> _Source:
         """A source over an in-memory (or mmapped) state dict."""
-        return cls(list(sd), lambda n: tuple(sd[n].shape), lambda n: sd[n].dtype, sd.__getitem__)
+        return cls(list(sd), lambda n: tuple(sd[n].shape), lambda n: sd[n].dtype, sd.__getitem__, borrowed)
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -166,8 +169,11 @@ def _fill(model, source: _Source, dtype: torch.dtype, device: torch.device, quie
         t = source.get(ck_name)
         if _is_conv1d(name):
             t = t.t()
-        state[name] = t.to(device=device, dtype=dtype).contiguous()
-        del t
+        out = t.to(device=device, dtype=dtype).contiguous()
+        if source.borrowed and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            out = out.clone()  # same dtype/device/layout: .to() returned the live model's own tensor
+        state[name] = out
+        del t, out
     if lm_head is not None:
         head = source.get(lm_head).to(device=device, dtype=dtype)
         if not torch.equal(head, state["wte.weight"]):
@@ -223,7 +229,8 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, device=None, backend: st
     p = next(iter(hf_model.parameters()))
     dtype = p.dtype if dtype is None else dtype
     device = p.device if device is None else torch.device(device)
-    return _fill(_build_empty(config, dtype, backend), _Source.from_dict(sd), dtype, device, True, "hf model")
+    source = _Source.from_dict(sd, borrowed=True)
+    return _fill(_build_empty(config, dtype, backend), source, dtype, device, True, "hf model")
 
 
 def random_init(

@@ -109,6 +109,20 @@ def test_from_hf_defaults_to_the_models_dtype():
     assert torch.equal(model.h[0].mlp.c_fc.weight, hf.transformer.h[0].mlp.c_fc.weight.t())
 
 
+def test_from_hf_copies_and_never_shares_the_hf_models_memory():
+    """Same device and dtype: every tensor is still a copy (an in-place update of the HF model, e.g. its
+    load_state_dict, must not reach the gpt2fast model's embeddings and LayerNorms but not its matmuls)."""
+    hf = hf_model("h1_v64")
+    model = GPT2.from_hf(hf, backend="reference")
+    ours = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    theirs = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    assert not ours & theirs
+    before = model.wte.weight.clone()
+    with torch.no_grad():
+        hf.transformer.wte.weight.add_(1.0)
+    assert torch.equal(model.wte.weight, before)
+
+
 def _sd_with(hf, change):
     sd = {k: v.clone() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     change(sd)
