@@ -23,8 +23,8 @@ When transformers' own code runs instead (the fallbacks)
   materialised (left/right padding in a batch, packed sequences, a static cache's decode step, a prefill
   that continues an existing cache with q_len > 1) attention runs transformers' ``sdpa_attention_forward``
   with that mask -- exact, but not through gpt2fast.  LayerNorm and bias+GELU still use gpt2fast there.
-* **Dtype mismatches** (e.g. autocast making activations fp16 against fp32 weights): that module runs
-  transformers' code.
+* **Dtype mismatches** (e.g. autocast making activations fp16 against fp32 weights) and dtypes the ops do
+  not take (an fp64 model): that module runs transformers' code.
 * **Cross-attention** (non-causal attention modules): transformers' sdpa path.
 * ``output_attentions=True``: the gpt2fast attention returns no attention weights (``None``).
 
@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from gpt2fast import ops
+from gpt2fast.ops._validate import FLOAT_DTYPES
 
 #: Name under which the gpt2fast attention function and its mask function are registered in transformers.
 ATTN_IMPLEMENTATION = "gpt2fast"
@@ -136,11 +137,12 @@ def _needs_autograd(tensors: tuple[torch.Tensor, ...]) -> bool:
 
 
 def _fast_ok(module: nn.Module, *tensors: torch.Tensor) -> bool:
-    """The gpt2fast path runs only at inference: eval mode, no gradient needed, one dtype throughout."""
+    """The gpt2fast path runs only at inference: eval mode, no gradient needed, one dtype throughout,
+    and one the ops support (an fp64 model keeps transformers' code instead of failing in ``ops``)."""
     if module.training or _needs_autograd(tensors):
         return False
     dtypes = {t.dtype for t in tensors if t is not None}
-    return len(dtypes) == 1
+    return len(dtypes) == 1 and dtypes <= set(FLOAT_DTYPES)
 
 
 # ---- replacement forwards ------------------------------------------------------------------------------

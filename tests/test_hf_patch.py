@@ -251,6 +251,18 @@ def test_training_and_autograd_use_transformers_code(counts):
     assert sum(counts.values()) == 0
 
 
+def test_float64_model_keeps_transformers_code(counts):
+    """The ops take fp32/fp16/bf16 only: a patched fp64 model must still run (on transformers' code), exactly."""
+    model = tiny_model(torch.float64)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        patch_hf(model, backend="reference")
+        out = model(ids).logits
+    assert torch.equal(out, ref)
+    assert sum(counts.values()) == 0
+
+
 def test_non_tanh_activation_keeps_transformers_mlp(counts):
     model = patch_hf(tiny_model(activation_function="gelu"), backend="reference")
     with torch.no_grad():
