@@ -176,8 +176,10 @@ def validate(
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the model is on {device}")
+        gen_device = generator.device
+        if gen_device.type != device.type or gen_device.index not in (None, device.index):
+            # another GPU's generator: its graph-safe seed/offset tensors live there, out of the graph's reach
+            raise ValueError(f"generator is on {gen_device} but the model is on {device}")
     if use_cuda_graph not in (None, True, False):
         raise TypeError(f"use_cuda_graph must be None or a bool, got {use_cuda_graph!r}")
     if use_cuda_graph and device.type != "cuda":

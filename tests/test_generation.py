@@ -144,6 +144,16 @@ def test_boundaries_and_int32_ids():
     assert one.dtype == torch.int32 and torch.equal(one.long(), full[:, :4])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_generator_on_another_gpu_is_refused():
+    _, model = pair("h3_v101")
+    model = model.to("cuda:1")
+    ids = random_ids(101, (1, 3)).to("cuda:1")
+    with pytest.raises(ValueError, match="generator is on cuda:0"):
+        model.generate(ids, do_sample=True, generator=torch.Generator("cuda:0"))
+
+
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
