@@ -157,17 +157,29 @@ def _capture(fn: Callable[[], torch.Tensor], generator: torch.Generator | None, 
     A user ``generator`` is registered with the graph so each replay advances it like an eager run;
     the default CUDA generator (of ``device``) is registered by ``torch.cuda.graph`` itself.
 
-    The capture stream is made on ``device``: ``torch.cuda.graph``'s default capture stream is one per
-    process, created on whichever device was current at its first use, and capturing a model on another
-    device there would record nothing of the model's work (its kernels would run eagerly on its device).
+    The capture stream is one per device (:func:`_capture_stream`): ``torch.cuda.graph``'s default capture
+    stream is one per process, created on whichever device was current at its first use, and capturing a
+    model on another device there would record nothing of the model's work (its kernels would run eagerly).
     """
     with torch.cuda.device(device):
         graph = torch.cuda.CUDAGraph()
         if generator is not None:
             graph.register_generator_state(generator)
-        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=device)):
+        with torch.cuda.graph(graph, stream=_capture_stream(device)):
             out = fn()
     return graph, out
+
+
+#: One capture stream per device, reused like torch's default one (cuBLAS keeps a workspace per stream).
+_CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream decode graphs of ``device`` are captured on."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return stream
 
 
 # ---- one captured step ------------------------------------------------------------------------------------

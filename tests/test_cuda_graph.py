@@ -154,11 +154,18 @@ def test_capture_uses_a_stream_on_the_models_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", FakeDevice)
     monkeypatch.setattr(torch.cuda, "graph", FakeGraphCtx)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeCUDAGraph)
+    monkeypatch.setattr(cuda_graph, "_CAPTURE_STREAMS", {})
     out = torch.ones(2)
     graph, got = cuda_graph._capture(lambda: out, torch.Generator(), torch.device("cuda", 1))
     assert got is out and isinstance(graph, FakeCUDAGraph)
     assert events == [("register", "cuda:1"), ("capture on", "cuda:1", "current", "cuda:1")]
     assert current[0] == "cuda:0"  # the caller's device is restored
+    cuda_graph._capture(lambda: out, None, torch.device("cuda", 0))
+    assert events[-1] == ("capture on", "cuda:0", "current", "cuda:0")
+    streams = cuda_graph._CAPTURE_STREAMS
+    assert list(streams) == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    cuda_graph._capture(lambda: out, None, torch.device("cuda", 1))
+    assert len(streams) == 2  # one capture stream per device, reused
 
 
 # ---- CPU: the graph-step plumbing, with a stand-in for CUDA graph capture -------------------------------
