@@ -11,8 +11,9 @@ How it works
   ``seqlens`` (so positions and attention lengths advance on the device), and the decode state's
   tensors (token history, finished flags, step counter, pad/EOS ids).  Nothing syncs with the host per
   token: a call is a copy into the input buffer, one ``graph.replay()`` and a copy out of the output.
-* Warm-up (Triton JIT, cuBLAS workspaces) runs on a side stream before capture; everything it mutates
-  (cache lengths, history, flags, RNG state) is restored afterwards, so the warm-up leaves no trace.
+* Warm-up (Triton JIT, cuBLAS workspaces) runs on the capture stream, a side stream, before capture;
+  everything it mutates (cache lengths, history, flags, RNG state) is restored afterwards, so the warm-up
+  leaves no trace.
 * Sampling: the default CUDA generator is handled by ``torch.cuda.graph``; a user ``torch.Generator``
   is registered with the graph (``CUDAGraph.register_generator_state``), so each replay advances it
   exactly as the eager step would and seeded sampling gives the eager path's tokens.  On a torch
@@ -137,12 +138,13 @@ class _Snapshot:
 
 @contextmanager
 def _side_stream(device: torch.device) -> Iterator[None]:
-    """Run the body on a fresh CUDA stream ordered after (and before) the current one; a no-op off CUDA."""
+    """Run the body on the device's capture stream (a side stream: cuBLAS sets up its per-stream workspace
+    there during the warm-up, outside any graph), ordered after (and before) the current one; a no-op off CUDA."""
     if device.type != "cuda":
         yield
         return
     main = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device=device)
+    side = _capture_stream(device)
     side.wait_stream(main)
     try:
         with torch.cuda.stream(side):

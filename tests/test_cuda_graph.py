@@ -168,6 +168,44 @@ def test_capture_uses_a_stream_on_the_models_device(monkeypatch):
     assert len(streams) == 2  # one capture stream per device, reused
 
 
+def test_warm_up_runs_on_the_devices_capture_stream(monkeypatch):
+    """Warm-up and capture share one stream per device (no new stream, hence no new cuBLAS workspace, per
+    capture), ordered after and before the caller's stream."""
+    log = []
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.device = device
+
+        def wait_stream(self, other):
+            log.append(("wait", self, other))
+
+    main = FakeStream("main")
+
+    class FakeStreamCtx:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            log.append(("enter", self.stream))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.stream))
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", FakeStreamCtx)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(cuda_graph, "_CAPTURE_STREAMS", {})
+    device = torch.device("cuda", 1)
+    for _ in range(2):
+        with cuda_graph._side_stream(device):
+            log.append("body")
+    side = cuda_graph._capture_stream(device)
+    assert side.device == device and len(cuda_graph._CAPTURE_STREAMS) == 1
+    once = [("wait", side, main), ("enter", side), "body", ("exit", side), ("wait", main, side)]
+    assert log == once + once
+
+
 # ---- CPU: the graph-step plumbing, with a stand-in for CUDA graph capture -------------------------------
 
 
