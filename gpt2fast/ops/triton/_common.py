@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,14 @@ def signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[
 
 def launch(kernel, tuned, grid, args: tuple, consts: dict, config: triton.Config) -> None:
     """Launch ``kernel`` on ``grid``: through its autotuner ``tuned`` when autotuning is on,
-    else with the deterministic heuristic ``config`` (also the interpreter's fixed config)."""
-    if tuned is not None and autotune_enabled():
-        tuned[grid](*args, **consts)
-    else:
-        kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    else with the deterministic heuristic ``config`` (also the interpreter's fixed config).
+
+    Triton launches on the current CUDA device, so the launch runs under the first tensor argument's device.
+    """
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    on_device = torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext()
+    with on_device:
+        if tuned is not None and autotune_enabled():
+            tuned[grid](*args, **consts)
+        else:
+            kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
