@@ -207,7 +207,12 @@ def gpt2fast_attention(
         )
     if t_q == t_k:
         out = ops.attention(
-            query.contiguous(), key.contiguous(), value.contiguous(), causal=True, scale=scaling, backend=backend
+            query,
+            key,
+            value,
+            causal=True,
+            scale=scaling,
+            backend=backend,  # the kernels read strided views
         )
     else:
         b = query.shape[0]
