@@ -26,6 +26,9 @@ from gpt2fast.sampling import SamplingConfig, TokenHistory, process_logits, samp
 
 #: How many decode steps run between two host checks of "has every sequence finished?".
 CHECK_EVERY = 8
+#: The KV cache length is rounded up to a multiple of this (capped at n_positions): generate calls with
+#: nearby prompt lengths then share one cache allocation and one captured decode graph.
+CACHE_ROUND = 128
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
@@ -212,8 +215,10 @@ def _start(
     req = validate(model, input_ids, attention_mask, max_new_tokens, cfg, eos_token_id, pad_token_id, generator,
                    use_cuda_graph)  # fmt: skip
     B, L = req.prompts.shape
-    model.setup_cache(B, L + max_new_tokens - 1)
-    history = TokenHistory.from_prompts(req.prompts, req.lengths, L + max_new_tokens)
+    # Rounded up, so calls with nearby lengths reuse one cache and one captured graph.
+    cache_len = min(model.config.n_positions, -(-(L + max_new_tokens - 1) // CACHE_ROUND) * CACHE_ROUND)
+    model.setup_cache(B, cache_len)
+    history = TokenHistory.from_prompts(req.prompts, req.lengths, cache_len + 1)
     state = DecodeState(cfg, history, req.eos_ids, req.pad_id, generator)
     step = make_step(model, state, use_cuda_graph)
 

@@ -356,3 +356,20 @@ def test_graph_decode_fills_the_cache_exactly():
     n = CFG.n_positions - ids.shape[1]
     eager = generate(model, ids, max_new_tokens=n, use_cuda_graph=False)
     assert torch.equal(generate(model, ids, max_new_tokens=n, use_cuda_graph=True), eager)
+
+
+def test_nearby_lengths_share_one_cache_and_one_graph(fake_cuda):
+    """The cache length is rounded up (generation.CACHE_ROUND), so a call with a longer prompt and more new
+    tokens reuses the first call's cache and captured graph, and both still match eager decoding."""
+    from gpt2fast import generation
+
+    model = tiny_gpt2()
+    ids, mask = _ragged_batch("cpu")
+    first = generate(model, ids, mask, max_new_tokens=6)
+    k_ptr = model.cache.k.data_ptr()
+    longer = torch.cat([ids, ids[:, :2]], dim=1)
+    second = generate(model, longer, torch.ones_like(longer), max_new_tokens=9)
+    assert model.cache.k.data_ptr() == k_ptr and model.cache.max_len == min(CFG.n_positions, generation.CACHE_ROUND)
+    assert len(fake_cuda) == 1 and _only_entry(model).replays == 5 + 8
+    assert torch.equal(first, generate(model, ids, mask, max_new_tokens=6, use_cuda_graph=False))
+    assert torch.equal(second, generate(model, longer, torch.ones_like(longer), max_new_tokens=9, use_cuda_graph=False))
