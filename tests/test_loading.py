@@ -199,3 +199,30 @@ def test_random_init_by_name_in_low_precision():
     assert model.config == GPT2Config.from_name("gpt2")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert torch.isfinite(model(random_ids(50257, (1, 3)))).all()
+
+
+_PEAK_RSS_SCRIPT = """
+import os, resource, sys
+from gpt2fast import GPT2
+path = sys.argv[1]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+model = GPT2.from_pretrained(path, quiet=True)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(after - before)
+"""
+
+
+def test_from_pretrained_peak_memory_stays_below_twice_the_checkpoint(tmp_path):
+    """Meta-device init + per-tensor loads from the safetensors mmap: loading a ~155 MB checkpoint in a fresh
+    process raises the peak RSS by less than twice the file's size (a load-everything-then-copy path needs
+    at least 2x: the state dict plus the initialised model)."""
+    import subprocess
+    import sys
+
+    GPT2.random(GPT2Config(n_layer=4, n_embd=512, n_head=8), seed=0).save_pretrained(tmp_path)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
+    peak = int(out.strip().splitlines()[-1])
+    assert peak < 2 * size, f"loading raised peak RSS by {peak / size:.2f}x the checkpoint size ({size} bytes)"
