@@ -2,9 +2,12 @@
 
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs
 the whole pipeline down to a cubin with the ptxas Triton ships.  Each kernel module lists the
-specialisations it launches (``compile_cases``): by default the heuristic config of every
-dtype / shape class plus every autotune config at GPT-2's own shape (a representative
-subset, to stay near a minute on two cores); ``--full`` compiles every combination.
+specialisations it can launch on each target (``compile_cases(full, arch)``): by default the
+heuristic config of every dtype / shape class plus every autotune config at GPT-2's own shape
+(a representative subset, to stay near a minute on two cores); ``--full`` compiles every
+combination.  The autotuners prune, per GPU generation, dtype and head dim, the configs
+that spill registers there, and ``compile_cases`` applies the same pruning for its target,
+so each target compiles exactly the configs a launch on that GPU could use.
 
 For each compiled kernel it reports registers per thread, spilled bytes (from the cubin's
 resource usage: local memory) and dynamic shared memory (Triton's metadata).  A compile
@@ -117,9 +120,9 @@ def compile_one(index: int) -> dict:
     return row
 
 
-def cases(full: bool) -> list[CompileCase]:
-    """Every compile case of every kernel module."""
-    return [c for mod in KERNEL_MODULES for c in importlib.import_module(mod).compile_cases(full)]
+def cases(full: bool, cc: int) -> list[CompileCase]:
+    """Every compile case of every kernel module for target ``cc`` (80 or 90)."""
+    return [c for mod in KERNEL_MODULES for c in importlib.import_module(mod).compile_cases(full, cc)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     only = set(filter(None, args.only.split(",")))
-    picked = [c for c in cases(args.full) if not only or c.kernel in only]
-    _JOBS[:] = [(c, int(cc)) for cc in args.targets.split(",") for c in picked]
+    targets = [int(cc) for cc in args.targets.split(",")]
+    _JOBS[:] = [(c, cc) for cc in targets for c in cases(args.full, cc) if not only or c.kernel in only]
     t0 = time.perf_counter()
     if args.jobs > 1:
         ctx = multiprocessing.get_context("fork")

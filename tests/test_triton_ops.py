@@ -7,6 +7,7 @@ interpreter on CPU with tiny shapes; the ``gpu`` tests (larger shapes) run only 
 from __future__ import annotations
 
 import importlib
+import types
 
 import pytest
 import torch
@@ -369,6 +370,85 @@ def test_layer_norm_rejects_too_wide_rows():
     x = rand(1, 16385)
     with pytest.raises(ValueError, match="N must be <= 16384"):
         ops.layer_norm(x, x[0], x[0], backend="triton")
+
+
+# ---- launch-config policy (no kernel runs) -------------------------------------------------
+
+attention_mod = importlib.import_module("gpt2fast.ops.triton.attention")
+common_mod = importlib.import_module("gpt2fast.ops.triton._common")
+
+
+@pytest.fixture
+def gpu_capability(monkeypatch):
+    """Pretend the CUDA device has a given compute capability: call with (major, minor)."""
+
+    def set_capability(cap):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+        common_mod.tuning_arch.cache_clear()
+
+    yield set_capability
+    common_mod.tuning_arch.cache_clear()
+
+
+def pruned(mod, cap, set_capability, dtype, head_dim):
+    """The tiles ``mod``'s autotune prune hook keeps for a launch on a GPU of capability ``cap``."""
+    set_capability(cap)
+    q = types.SimpleNamespace(dtype=dtype, device=torch.device("cuda", 0))  # only dtype and device are read
+    return [mod._tile(c) for c in mod._prune(mod._CONFIGS, {"Q": q}, HEAD_DIM=head_dim)]
+
+
+@pytest.mark.parametrize("mod", [attention_mod, decode_mod], ids=["attention", "decode"])
+@pytest.mark.parametrize("cap,arch", [((8, 0), 80), ((8, 6), 80), ((9, 0), 90), ((10, 0), 90)])
+def test_autotune_prune_follows_the_gpu_generation(mod, cap, arch, gpu_capability):
+    # The prune hook reads the launch device's capability and keeps that target's spill-free tiles (never none).
+    for dtype in DTYPES:
+        for d in (32, 64, 128):
+            kept = pruned(mod, cap, gpu_capability, dtype, d)
+            assert kept, f"nothing left for {dtype} D={d} on {cap}"
+            assert kept == mod.tiles(dtype, d, arch)
+
+
+def test_prune_drops_sm80_spills_and_keeps_sm90_gpt2_tiles(gpu_capability):
+    # Measured by benchmarks/compile_check.py --full (triton 3.9): these spill registers on sm_80 ...
+    sm80_spills = {
+        32: {(128, 32, 4, 3)},
+        64: {(128, 64, 4, 3)},
+        128: {(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)},
+    }
+    for dtype in (torch.float16, torch.bfloat16):
+        for d, bad in sm80_spills.items():
+            assert not bad & set(pruned(attention_mod, (8, 0), gpu_capability, dtype, d))
+        # ... while on sm_90 nothing spills for GPT-2's head dim, so every fp16/bf16 tile stays.
+        assert pruned(attention_mod, (9, 0), gpu_capability, dtype, 64) == list(attention_mod._HALF_TILES)
+    assert (64, 2, 3) not in pruned(decode_mod, (8, 0), gpu_capability, torch.float16, 128)
+    assert (128, 4, 2) not in pruned(decode_mod, (9, 0), gpu_capability, torch.float32, 128)
+    assert pruned(decode_mod, (9, 0), gpu_capability, torch.float16, 64) == list(decode_mod._TILES)
+
+
+@pytest.mark.parametrize("arch", common_mod.SPILL_CHECKED_ARCHS)
+def test_compile_cases_mirror_what_a_gpu_can_launch(arch, monkeypatch):
+    # benchmarks/compile_check.py compiles compile_cases(full=True, arch) for each target: exactly the pruned
+    # autotune tiles plus the heuristic config of each dtype x head dim (as on a GPU, not the interpreter's).
+    monkeypatch.setattr(attention_mod, "interpreting", lambda: False)
+    monkeypatch.setattr(decode_mod, "interpreting", lambda: False)
+    for mod, kernel in ((attention_mod, "attention"), (decode_mod, "decode_split")):
+        cases = [c for c in mod.compile_cases(True, arch) if c.kernel == kernel]
+        for dtype, tname in common_mod.TL_DTYPE.items():
+            for d in (32, 64, 128):
+                if mod is attention_mod:
+                    heur = attention_mod.heuristic_config(d, dtype, arch)
+                else:
+                    heur = decode_mod.heuristic_config(d)
+                want = set(mod.tiles(dtype, d, arch)) | {mod._tile(heur)}
+                mine = [c for c in cases if c.label.startswith(f"{tname} D={d} ")]
+                assert {got_tile(c) for c in mine} == want, f"{kernel} {tname} D={d} sm_{arch}"
+                assert all(c.heuristic == (got_tile(c) == mod._tile(heur)) for c in mine)
+
+
+def got_tile(case):
+    """(BLOCK_M?, BLOCK_N, warps, stages) of a compile case, like the modules' ``_tile``."""
+    blocks = tuple(case.constexprs[k] for k in ("BLOCK_M", "BLOCK_N") if k in case.constexprs)
+    return (*blocks, case.num_warps, case.num_stages)
 
 
 # ---- GPU-only, larger shapes (skipped without CUDA) -----------------------------------------

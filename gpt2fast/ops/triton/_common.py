@@ -51,6 +51,23 @@ def dot_precision(dtype: torch.dtype, upcast: bool) -> str:
     return "ieee" if dtype == torch.float32 or upcast else "tf32"
 
 
+#: Compile targets whose register-spill-free configs the kernels keep (measured by benchmarks/compile_check.py).
+SPILL_CHECKED_ARCHS = (80, 90)
+
+
+@functools.cache
+def tuning_arch(device: torch.device) -> int:
+    """The target (80 or 90) whose spill-free config lists a launch on ``device`` uses.
+
+    sm_8x maps to 80 and sm_90 or newer to 90 (only sm_80 and sm_90 are compile-checked); a device
+    that is not a GPU (interpreter, CPU tests) maps to 90, like :func:`num_sms`.
+    """
+    if device.type != "cuda":
+        return 90
+    major, _minor = torch.cuda.get_device_capability(device)
+    return 80 if major < 9 else 90
+
+
 @functools.cache
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors on ``device`` (132, an H100/H200, when it is not a GPU)."""

@@ -52,9 +52,9 @@ def _(x, bias):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-def compile_cases(full: bool = False) -> list[CompileCase]:
-    """Every config (block x warps) for fp16, the heuristic one for fp32/bf16 (all if ``full``).
-    The kernel does not specialise on N."""
+def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
+    """Every config (block x warps) for fp16, the heuristic one for fp32/bf16 (all if ``full``); the same
+    on every target ``arch`` (no config spills).  The kernel does not specialise on N."""
     cases = []
     heur = heuristic_config(4 * 768)
     for tname in TL_DTYPE.values():

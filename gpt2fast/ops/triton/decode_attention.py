@@ -30,6 +30,7 @@ from gpt2fast.ops.triton._common import (
     next_pow2,
     num_sms,
     signature,
+    tuning_arch,
 )
 
 #: Head dims the kernels are compiled for (the same as prefill attention).
@@ -40,10 +41,36 @@ SPLIT_GRANULE = 128
 MAX_SPLITS = 64
 
 
-_CONFIGS = [
-    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-    for n, w, s in [(32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (64, 2, 3)]
-]
+#: Autotuned (BLOCK_N, warps, stages) of the split kernel.
+_TILES = ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (64, 2, 3))
+#: Tiles left out per (target, head dim, fp32?) because they spill registers there under triton 3.9 (when
+#: appending) or 3.6 (sm_80 fp32 D=64 BLOCK_N=128 without append); see benchmarks/compile_check.py --full.
+_SPILLS = {
+    (90, 128, True): {(128, 4, 2), (64, 2, 3)},
+    (80, 128, True): {(128, 4, 2), (64, 2, 3)},
+    (80, 128, False): {(64, 2, 3)},
+    (80, 64, True): {(128, 4, 2)},
+}
+
+_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _TILES]
+
+
+def tiles(dtype: torch.dtype, head_dim: int, arch: int = 90) -> list[tuple[int, int, int]]:
+    """The split-kernel tiles autotuning tries for this dtype and head dim on target ``arch`` (80 or 90,
+    see :func:`~gpt2fast.ops.triton._common.tuning_arch`): none of them spills registers there."""
+    spills = _SPILLS.get((arch, head_dim, dtype == torch.float32), set())
+    return [t for t in _TILES if t not in spills]
+
+
+def _tile(cfg: triton.Config) -> tuple[int, int, int]:
+    return cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotuner hook: keep the tiles of :func:`tiles` for this launch's dtype, head dim and GPU."""
+    q = named_args["Q"]
+    keep = tiles(q.dtype, kwargs["HEAD_DIM"], tuning_arch(q.device))
+    return [c for c in configs if _tile(c) in keep]
 
 
 @triton.jit
@@ -133,13 +160,16 @@ def _decode_combine_kernel(Opart, Lse, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, SP
 # ``restore_value``: its only write to an input is the append, which stores k_new/v_new (never read
 # back in the launch) at seqlens[b], so every repeat writes the same values.  The key is fixed per
 # (B*H, T_max, dtype): no step re-tunes, and a CUDA graph captures an already-tuned launch.
-_decode_split_tuned = triton.autotune(configs=_CONFIGS, key=["SPLIT_LEN", "HEAD_DIM", "HAS_NEW", "DIRECT"])(
-    _decode_split_kernel
-)
+_decode_split_tuned = triton.autotune(
+    configs=_CONFIGS,
+    key=["SPLIT_LEN", "HEAD_DIM", "HAS_NEW", "DIRECT"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_decode_split_kernel)
 
 
 def heuristic_config(head_dim: int) -> triton.Config:
-    """64 positions per step, 4 warps; 16 positions under the interpreter (small test caches)."""
+    """64 positions per step, 4 warps (no spills at any dtype and head dim on sm_80 and sm_90); 16 positions
+    under the interpreter (small test caches)."""
     if interpreting():
         return triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)
     return triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)
@@ -220,23 +250,27 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def compile_cases(full: bool = False) -> list[CompileCase]:
-    """Split kernel: the heuristic config per dtype x head dim (appending, several slices), fp16 D=64
-    also without append and with a single slice, and every autotune config at fp16 D=64 appending.
-    Combine kernel: fp16 at each head dim, every dtype at D=64 (64 slices).  ``full``: everything.
+def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
+    """The configs the kernels can launch with on target ``arch``.  Split kernel: the heuristic config per
+    dtype x head dim (appending, several slices), fp16 D=64 also without append and with a single slice, and
+    every autotune config (after pruning for ``arch``) at fp16 D=64 appending.  Combine kernel: fp16 at each
+    head dim, every dtype at D=64 (64 slices).  ``full``: everything.
     Unit last-dim cache strides are constexpr 1, as the JIT specialises them."""
     cases = []
     for dtype, tname in TL_DTYPE.items():
         ptr = "*" + tname
         for d in HEAD_DIMS:
             gpt2 = dtype == torch.float16 and d == 64
+            heur = heuristic_config(d)
+            launchable = [c for c in _CONFIGS if _tile(c) in tiles(dtype, d, arch)]
+            if _tile(heur) not in map(_tile, launchable):
+                launchable.append(heur)
             for has_new in (True, False):
                 for direct in (False, True):
                     if not (full or (has_new and not direct) or gpt2):
                         continue
-                    heur = heuristic_config(d)
                     every = full or (gpt2 and has_new and not direct)
-                    for cfg in _CONFIGS if every else [heur]:
+                    for cfg in launchable if every else [heur]:
                         consts = dict(
                             HEAD_DIM=d, HAS_NEW=has_new, DIRECT=direct, stride_kd=1, stride_vd=1, **cfg.kwargs
                         )
@@ -247,8 +281,8 @@ def compile_cases(full: bool = False) -> list[CompileCase]:
                         sig = signature(
                             _decode_split_kernel, {k: v for k, v in types.items() if k not in consts}, consts
                         )
-                        bn, w, s = cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-                        is_heur = (bn, w, s) == (heur.kwargs["BLOCK_N"], heur.num_warps, heur.num_stages)
+                        bn, w, s = _tile(cfg)
+                        is_heur = _tile(cfg) == _tile(heur)
                         label = f"{tname} D={d} new={int(has_new)} direct={int(direct)} BLOCK_N={bn} w={w} s={s}"
                         case = CompileCase("decode_split", _decode_split_kernel, sig, consts, w, s, label, is_heur)
                         cases.append(case)

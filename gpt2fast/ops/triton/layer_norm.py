@@ -100,10 +100,10 @@ def _(x, residual, weight, bias, eps):
     return y, torch.empty_like(y)
 
 
-def compile_cases(full: bool = False) -> list[CompileCase]:
+def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
     """The heuristic config for fp16 at every GPT-2 width (768/1024/1280/1600) with residual, for every
     dtype at N=1600 with and without; every autotune config for fp16 N=1600 with residual.
-    ``full``: every config x dtype x width x residual flag."""
+    ``full``: every config x dtype x width x residual flag.  The same on every target ``arch`` (no config spills)."""
     cases = []
     for dtype, tname in TL_DTYPE.items():
         for n in (768, 1024, 1280, 1600):
