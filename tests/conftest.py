@@ -37,9 +37,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed_and_fresh_backends():
     """Each test starts from seed 0 and re-checks backend availability (some tests mock it)."""
-    from gpt2fast.ops import _dispatch
+    from gpt2fast.ops import _registry
 
     torch.manual_seed(0)
-    _dispatch.clear_cache()
+    _registry.clear_cache()
     yield
-    _dispatch.clear_cache()
+    _registry.clear_cache()

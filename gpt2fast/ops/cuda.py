@@ -23,6 +23,8 @@ from types import ModuleType
 
 import torch
 
+from gpt2fast.ops._registry import register_backend, register_impl
+
 _ext_module: ModuleType | None = None
 _ext_error: str | None = None
 _runtime: tuple[int, int, str] | None = None  # (device count, error code, message) of the extension's runtime
@@ -87,17 +89,17 @@ def _no_device_reason() -> str | None:
     return None
 
 
-def is_available(device: torch.device) -> tuple[bool, str]:
-    """Whether the CUDA backend can run tensors on ``device``, and why (not)."""
+def is_available(device: torch.device) -> str | None:
+    """``None`` when the CUDA backend can run tensors on ``device``, else why not."""
     device = torch.device(device)
     if _load_ext() is None:
-        return False, _not_built_reason()
+        return _not_built_reason()
     reason = _no_device_reason()
     if reason is not None:
-        return False, reason
+        return reason
     if device.type != "cuda":
-        return False, f"the cuda backend runs CUDA tensors only, not {device.type} tensors"
-    return True, "gpt2fast._C CUDA kernels"
+        return f"the cuda backend runs CUDA tensors only, not {device.type} tensors"
+    return None
 
 
 def _check_device(**tensors: torch.Tensor | None) -> int:
@@ -355,10 +357,7 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
 
 
 # --------------------------------------------------------------------------- backend ops
-def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``."""
+def _layer_norm_layout(x, weight, bias, eps, residual) -> None:
     _dtype_code("x", x)
     x2, _ = _rows("x", x)
     _check_ln_size(x2.shape[0], x2.shape[1])
@@ -367,47 +366,50 @@ def layer_norm(
     _check_contiguous_1d("weight", weight)
     _check_contiguous_1d("bias", bias)
     _check_fp32_param("eps", float(eps))
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``."""
     _check_device(x=x, weight=weight, bias=bias, residual=residual)
     if residual is None:
         return _layer_norm_op(x, weight, bias, float(eps))
     return _layer_norm_residual_op(x, weight, bias, float(eps), residual)
 
 
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(x + bias), computed in fp32."""
+def _bias_gelu_layout(x, bias) -> None:
     _dtype_code("x", x)
     _rows("x", x)
     _check_contiguous_1d("bias", bias)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x + bias), computed in fp32."""
     _check_device(x=x, bias=bias)
     return _bias_gelu_op(x, bias)
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
-) -> torch.Tensor:
-    """Flash attention over ``[B, H, T, D]`` (D in 32/64/128); tensor cores for fp16/bf16."""
+def _attention_layout(q, k, v, causal, scale) -> None:
     _dtype_code("q", q)
     _check_head_dim(q.shape[-1])
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_vec_aligned(name, t, 3)
     _check_grid(q.shape[0], q.shape[1])
     _check_seq("T", q.shape[2])
+    _check_fp32_param("scale", q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+) -> torch.Tensor:
+    """Flash attention over ``[B, H, T, D]`` (D in 32/64/128); tensor cores for fp16/bf16."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    _check_fp32_param("scale", scale)
     _check_device(q=q, k=k, v=v)
     return _attention_op(q, k, v, bool(causal), scale)
 
 
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor | None = None,
-    v_new: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Split-KV decode attention; appends ``k_new``/``v_new`` in the same launch (caches mutated)."""
+def _decode_attention_layout(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> None:
     _dtype_code("q", q)
     _check_head_dim(q.shape[-1])
     _check_vec_aligned("q", q, 2)
@@ -422,7 +424,40 @@ def decode_attention(
     if q.shape[0] * q.shape[1] > INT32_MAX:
         raise ValueError(f"cuda backend: B*H must be <= 2**31 - 1 (combine kernel grid), got {q.shape[0] * q.shape[1]}")
     _check_seq("T_max", k_cache.shape[2])
+    _check_fp32_param("scale", q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Split-KV decode attention; appends ``k_new``/``v_new`` in the same launch (caches mutated)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    _check_fp32_param("scale", scale)
     _check_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new)
     return _decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+
+
+# --------------------------------------------------------------------------- registration
+def _declines(layout_check):
+    """A ``supports`` predicate from a layout check that raises: its message is the reason."""
+
+    def supports(*args) -> str | None:
+        try:
+            layout_check(*args)
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return None
+
+    return supports
+
+
+register_backend("cuda", priority=30, is_available=is_available, describe=lambda device: "gpt2fast._C CUDA kernels")
+register_impl("layer_norm", "cuda", supports=_declines(_layer_norm_layout))(layer_norm)
+register_impl("bias_gelu", "cuda", supports=_declines(_bias_gelu_layout))(bias_gelu)
+register_impl("attention", "cuda", supports=_declines(_attention_layout))(attention)
+register_impl("decode_attention", "cuda", supports=_declines(_decode_attention_layout))(decode_attention)

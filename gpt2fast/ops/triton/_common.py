@@ -81,19 +81,21 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(n)
 
 
-def check_int32_span(name: str, t: torch.Tensor, dims: tuple[int, ...]) -> None:
-    """Raise unless every offset inside one (batch, head) slice of ``t`` fits in int32.
+def int32_span_reason(name: str, t: torch.Tensor, dims: tuple[int, ...]) -> str | None:
+    """Why ``t`` cannot be indexed by the kernels, or None: every offset inside one (batch, head) slice of ``t``
+    must fit in int32.
 
     The kernels index a slice (the ``dims`` axes, e.g. T and D) with 32-bit arithmetic and only
     the batch/head offsets with 64-bit; a view with enormous strides would silently wrap.
     """
     span = sum((t.shape[d] - 1) * t.stride(d) for d in dims)
     if span >= 2**31:
-        raise ValueError(
+        return (
             f"{name} has strides {tuple(t.stride())} for shape {tuple(t.shape)}: offsets within one (batch, head) "
             f"slice reach {span} elements, but the triton kernels index a slice with int32 (< 2**31); "
             "pass a contiguous tensor"
         )
+    return None
 
 
 @triton.jit

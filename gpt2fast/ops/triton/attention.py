@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.triton._common import (
     TL_DTYPE,
     CompileCase,
-    check_int32_span,
+    int32_span_reason,
     dot_precision,
     interpreting,
     launch,
@@ -178,20 +179,29 @@ def heuristic_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> trito
     return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
 
 
-def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Backend-specific checks, before any launch: a head dim the kernel is built for, B and H within the
-    grid limit, and strides whose per-(batch, head) offsets fit in int32 (any layout is followed otherwise,
-    no copies)."""
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale) -> str | None:
+    """A head dim the kernel is built for, B and H within the grid limit, and strides whose per-(batch, head)
+    offsets fit in int32 (any layout is followed otherwise, no copies)."""
     d = q.shape[-1]
     if d not in HEAD_DIMS:
-        raise ValueError(f"triton attention supports head dims {HEAD_DIMS}; got q with D={d}")
+        return f"triton attention supports head dims {HEAD_DIMS}; got q with D={d}"
     if max(q.shape[0], q.shape[1]) > MAX_GRID_YZ:
-        raise ValueError(
+        return (
             f"triton attention launches B and H on CUDA grid dims limited to {MAX_GRID_YZ}; "
             f"got q with B={q.shape[0]}, H={q.shape[1]}"
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_int32_span(name, t, (2, 3))
+        reason = int32_span_reason(name, t, (2, 3))
+        if reason is not None:
+            return reason
+    return None
+
+
+@register_impl("attention", "triton", supports=supports)
+def attention(q, k, v, causal, scale):
+    """FlashAttention-2 style forward over [B, H, T, D] (head dims 32/64/128)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return attention_op(q, k, v, causal, scale)
 
 
 @torch.library.custom_op("gpt2fast_triton::attention", mutates_args=())

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, signature, tanh
 
 _CONFIGS = [triton.Config({"BLOCK_N": b}, num_warps=w, num_stages=1) for b in (512, 1024, 2048) for w in (4, 8)]
@@ -50,6 +51,9 @@ def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 @bias_gelu_op.register_fake
 def _(x, bias):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+register_impl("bias_gelu", "triton")(bias_gelu_op)
 
 
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:

@@ -21,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.triton._common import (
     TL_DTYPE,
     CompileCase,
-    check_int32_span,
+    int32_span_reason,
     interpreting,
     launch,
     next_pow2,
@@ -184,15 +185,13 @@ def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(t_max, split_len), split_len
 
 
-def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """Backend-specific checks before launch: a supported head dim, and cache strides whose offsets
-    within one (batch, head) slice fit in int32.  (Overlapping caches are rejected by the generic
-    validation when appending.)"""
+def supports(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> str | None:
+    """A supported head dim, and cache strides whose offsets within one (batch, head) slice fit in int32.
+    (Overlapping caches are rejected by the shared validation when appending.)"""
     d = q.shape[-1]
     if d not in HEAD_DIMS:
-        raise ValueError(f"triton decode_attention supports head dims {HEAD_DIMS}; got q with D={d}")
-    check_int32_span("k_cache", k_cache, (2, 3))
-    check_int32_span("v_cache", v_cache, (2, 3))
+        return f"triton decode_attention supports head dims {HEAD_DIMS}; got q with D={d}"
+    return int32_span_reason("k_cache", k_cache, (2, 3)) or int32_span_reason("v_cache", v_cache, (2, 3))
 
 
 def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_splits: int | None = None) -> torch.Tensor:
@@ -248,6 +247,13 @@ def decode_attention_op(
 @decode_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@register_impl("decode_attention", "triton", supports=supports)
+def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+    """Flash-decoding against the cache, appending k_new/v_new at ``cache_seqlens[b]`` in the same launch."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
 
 
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, signature
 
 #: Longest row one program holds in registers (fp32): beyond this it would spill.
@@ -98,6 +99,21 @@ def add_layer_norm_op(
 def _(x, residual, weight, bias, eps):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return y, torch.empty_like(y)
+
+
+def supports(x, weight, bias, eps, residual) -> str | None:
+    """Rows up to :data:`MAX_N` wide (a row is held in registers)."""
+    if x.shape[-1] > MAX_N:
+        return f"triton layer_norm keeps a row in registers: N must be <= {MAX_N}, got {x.shape[-1]}"
+    return None
+
+
+@register_impl("layer_norm", "triton", supports=supports)
+def layer_norm(x, weight, bias, eps, residual):
+    """LN(x), or ``(LN(x + residual), x + residual)`` fused in one kernel."""
+    if residual is None:
+        return layer_norm_op(x, weight, bias, float(eps))
+    return tuple(add_layer_norm_op(x, residual, weight, bias, float(eps)))
 
 
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:

@@ -1,4 +1,4 @@
-"""The one tolerance rule every parity check in gpt2fast uses (tests, CLI, benchmarks).
+"""Test helpers: the one tolerance rule every parity check uses (tests, CLI, benchmarks), and input helpers.
 
 FlashAttention's rule: a low-precision result ``out`` passes when
 
@@ -14,6 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from gpt2fast.ops._spec import as_list, seeded_randn
+
+__all__ = [
+    "EPS",
+    "ParityResult",
+    "as_list",
+    "assert_all_fa_close",
+    "assert_fa_close",
+    "clone_inputs",
+    "clone_layout",
+    "fa_check",
+    "seeded_randn",
+    "upcast",
+]
 
 #: Default epsilon of the rule per dtype (absolute, times max(1, max|ref|)).
 EPS: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -76,3 +91,34 @@ def assert_fa_close(
     res = fa_check(out, ref_fp32, baseline, eps)
     assert res.ok, f"{msg} {res} dtype={out.dtype} shape={tuple(out.shape)}"
     return res
+
+
+# ---- helpers every op test uses (exactly once) ------------------------------------------------------------
+def upcast(inputs: dict) -> dict:
+    """Copies of ``inputs`` with every floating tensor in fp32 (the fp32 reference's inputs); others as given."""
+    return {k: (t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for k, t in inputs.items()}
+
+
+def clone_layout(t: torch.Tensor) -> torch.Tensor:
+    """An independent copy of ``t`` with its exact strides (a sliced, transposed or padded view stays one; an
+    ``expand``-ed view stays expanded over a copy of its distinct elements)."""
+    zero = [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
+    if zero:
+        distinct = t[tuple(slice(0, 1) if d in zero else slice(None) for d in range(t.dim()))]
+        return clone_layout(distinct).expand(t.shape)
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t)
+
+
+def clone_inputs(inputs: dict) -> dict:
+    """Independent copies of every tensor in ``inputs``, same layouts (an op that writes its inputs gets its own)."""
+    return {k: (clone_layout(t) if isinstance(t, torch.Tensor) else t) for k, t in inputs.items()}
+
+
+def assert_all_fa_close(outs, refs, bases=None, msg: str = "") -> list[ParityResult]:
+    """:func:`assert_fa_close` on matching lists (or tuples, or single tensors) of outputs."""
+    outs, refs = as_list(outs), as_list(refs)
+    bases = [None] * len(outs) if bases is None else as_list(bases)
+    if not len(outs) == len(refs) == len(bases):
+        raise AssertionError(f"{msg} {len(outs)} outputs for {len(refs)} reference outputs")
+    return [assert_fa_close(o, r, b, msg=f"{msg} output {i}") for i, (o, r, b) in enumerate(zip(outs, refs, bases))]
