@@ -1,4 +1,4 @@
-"""Backend parameters shared by the parity, stress and determinism tests."""
+"""Backend parameters shared by the tests, read from the registry (no test keeps its own list of backends)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,9 @@ def backend_param(name: str, marks=(), device: str = DEVICE):
     status = ops.backend_status(name, device)
     skip = pytest.mark.skipif(not status.available, reason=f"{name} unavailable: {status.reason}")
     return pytest.param(name, marks=[skip, *marks], id=name)
+
+
+def backend_params(op: str, reference: bool = True, device: str = DEVICE) -> list:
+    """A :func:`backend_param` for every backend that implements ``op`` (``reference`` too unless False)."""
+    names = [r.backend for r in ops.implementations(device) if r.op == op]
+    return [backend_param(n, device=device) for n in names if reference or n != ops.REFERENCE]

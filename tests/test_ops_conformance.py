@@ -73,11 +73,7 @@ BAD = [
     for bad in spec.bad_inputs
     for be in [*ops.backend_names(), None]
 ]
-EDGE = [
-    _param(spec, be, None, edge, why, id_=f"-{edge.id}")
-    for spec, be, why in _pairs()
-    for edge in spec.edge_inputs
-]
+EDGE = [_param(spec, be, None, edge, why, id_=f"-{edge.id}") for spec, be, why in _pairs() for edge in spec.edge_inputs]
 
 
 @pytest.mark.parametrize(("spec", "backend", "shape", "dtype"), PARITY)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _backends import DEVICE, backend_param
+from _backends import DEVICE, backend_params
 
 from gpt2fast import ops
 from gpt2fast.config import GPT2Config
@@ -32,10 +32,6 @@ from gpt2fast.testing import assert_fa_close
 ON_GPU = DEVICE == "cuda"
 
 
-#: The kernels: triton under the interpreter on CPU (the GPU when there is one); cuda on a GPU only.
-KERNELS = [backend_param("triton"), backend_param("cuda", marks=[pytest.mark.gpu])]
-#: The kernels and the reference backend.
-BACKENDS = [backend_param("reference"), *KERNELS]
 # The kernels' tanh is 2/(1 + exp(-2x)) - 1: exp overflowing to inf for large |x| is intended (it saturates to
 # ±1), but Triton's interpreter computes it with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -60,7 +56,7 @@ def max_score(q: torch.Tensor, k: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- attention
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", backend_params("attention", reference=False))
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("causal", [True, False])
 def test_prefill_attention_large_scores(backend, dtype, causal):
@@ -74,7 +70,7 @@ def test_prefill_attention_large_scores(backend, dtype, causal):
     assert_fa_close(out, ref32, msg=f"prefill {backend} T={t} causal={causal}")
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", backend_params("decode_attention", reference=False))
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("append", [True, False])
 def test_decode_attention_large_scores_long_cache(backend, dtype, append):
@@ -103,7 +99,7 @@ LN_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params("layer_norm"))
 @pytest.mark.parametrize(("dtype", "mean", "std"), LN_ROWS, ids=[f"{d}-{m:g}+N(0,{s:g})" for d, m, s in LN_ROWS])
 @pytest.mark.parametrize("residual", [False, True])
 def test_layer_norm_huge_mean_tiny_variance(backend, dtype, mean, std, residual, request):
@@ -134,7 +130,7 @@ def test_layer_norm_huge_mean_tiny_variance(backend, dtype, mean, std, residual,
 GELU_CASES = [(torch.float32, [1e4, 3e4, 1e6]), (torch.float16, [1e4, 3e4, 6e4]), (torch.bfloat16, [1e4, 1e6, 1e30])]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params("bias_gelu"))
 @pytest.mark.parametrize(("dtype", "mags"), GELU_CASES, ids=[str(d) for d, _ in GELU_CASES])
 def test_gelu_at_large_inputs_is_exact(backend, dtype, mags):
     vals = torch.tensor([s * m for m in mags for s in (1.0, -1.0)], dtype=torch.float64)

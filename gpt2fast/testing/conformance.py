@@ -39,6 +39,7 @@ SEED = 0
 def count_dispatches() -> Iterator[Counter]:
     """Count the calls that reach each registered implementation, by ``(op, backend)``, inside the block."""
     counts: Counter = Counter()
+    _registry.backend_names()  # import the built-in backends first, so that restoring keeps their implementations
     saved = dict(_registry._impls)
 
     def counting(key, fn):
