@@ -174,7 +174,7 @@ def check_bad_input(spec: OpSpec, bad: BadInput, backend: str | None) -> None:
             spec.call(bad.make(), backend)
         except bad.exc as exc:
             if not re.search(bad.match, str(exc)):
-                raise AssertionError(f"{bad.id} on {backend}: message {str(exc)!r} does not match {bad.match!r}")
+                raise AssertionError(f"{bad.id} on {backend}: message {exc!s} does not match {bad.match!r}") from None
         else:
             raise AssertionError(f"{bad.id} on {backend}: no {bad.exc.__name__} raised")
     if counts:

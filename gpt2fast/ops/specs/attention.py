@@ -65,11 +65,14 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device, gen: torc
     return dict(q=q, k=k, v=v_, causal=shape.get("causal", True), scale=shape.get("scale"))
 
 
-TEST_SHAPES = tuple(
-    dict(batch=b, heads=h, seq=t, head_dim=d, causal=c)
-    for b, h, t, d in [(1, 1, 1, 64), (1, 2, 70, 64), (2, 1, 33, 32), (1, 1, 40, 128)]
-    for c in (True, False)
-) + (dict(batch=1, heads=3, seq=37, head_dim=64, scale=0.3),)
+TEST_SHAPES = (
+    *(
+        dict(batch=b, heads=h, seq=t, head_dim=d, causal=c)
+        for b, h, t, d in [(1, 1, 1, 64), (1, 2, 70, 64), (2, 1, 33, 32), (1, 1, 40, 128)]
+        for c in (True, False)
+    ),
+    dict(batch=1, heads=3, seq=37, head_dim=64, scale=0.3),
+)
 GPU_SHAPES = tuple(
     dict(batch=b, heads=h, seq=t, head_dim=d)
     for b, h, t, d in [(1, 12, 4096, 64), (4, 25, 1000, 64), (2, 16, 1031, 128), (8, 12, 257, 32), (4096, 17, 16, 32)]
@@ -103,8 +106,6 @@ def _bthd(inputs: Inputs) -> Inputs:
 
 def _qkv(inputs: Inputs) -> Inputs:
     """q, k and v as three slices of one [B, T, 3, H, D] tensor, transposed to [B, H, T, D]."""
-    q = inputs["q"]
-    b, h, t, d = q.shape
     qkv = torch.stack([inputs[n].transpose(1, 2) for n in ("q", "k", "v")], dim=2)  # [B, T, 3, H, D]
     q_, k_, v_ = (x.transpose(1, 2) for x in qkv.unbind(2))  # [B, H, T, D] views
     return dict(inputs, q=q_, k=k_, v=v_)
@@ -158,8 +159,8 @@ VIEWS = (View("bthd", _bthd), View("qkv-slices", _qkv))
 def bench_cases(sweep: str) -> list[BenchCase]:
     """Causal prefill at GPT-2's head dim 64 (12 heads like gpt2, 25 like gpt2-xl), T from 128 to 8192."""
     if sweep == "full":
-        groups = [((1, 12), [128, 256, 512, 1024, 2048, 4096, 8192]), ((4, 12), [128, 256, 512, 1024, 2048, 4096, 8192]),
-                  ((1, 25), [128, 256, 512, 1024, 2048, 4096, 8192]), ((4, 25), [128, 256, 512, 1024, 2048, 4096, 8192])]
+        seqs = [128, 256, 512, 1024, 2048, 4096, 8192]
+        groups = [((1, 12), seqs), ((4, 12), seqs), ((1, 25), seqs), ((4, 25), seqs)]
     elif sweep == "quick":
         groups = [((4, 12), [256, 1024, 2048, 4096, 8192]), ((1, 25), [1024, 4096])]
     else:

@@ -109,7 +109,9 @@ def bench_cases(sweep: str) -> list[BenchCase]:
         "quick": ([1, 1024, 16384, 65536], [3072, 6400]),
         "cpu": ([1, 7, 64], [192, 400]),
     }[sweep]
-    return [BenchCase("bias_gelu", dict(rows=r, n=n), "rows", f"N={n}", target=r >= 16384) for n in widths for r in rows]
+    return [
+        BenchCase("bias_gelu", dict(rows=r, n=n), "rows", f"N={n}", target=r >= 16384) for n in widths for r in rows
+    ]
 
 
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:

@@ -253,7 +253,8 @@ BAD_INPUTS = (
              ValueError, r"cache_seqlens has length 8: appending k_new/v_new would overflow the cache \(T_max = 8\)"),
     BadInput("dec-knew-alone", "k_new without v_new", lambda: _args(v_new=None),
              ValueError, r"k_new and v_new must be given together \(both or neither\)"),
-    BadInput("dec-knew-shape", "k_new [2, 2, 31] for head dim 32", lambda: _args(k_new=_rn(2, 2, 31), v_new=_rn(2, 2, 31)),
+    BadInput("dec-knew-shape", "k_new [2, 2, 31] for head dim 32",
+             lambda: _args(k_new=_rn(2, 2, 31), v_new=_rn(2, 2, 31)),
              ValueError, r"k_new must have shape \[2, 2, 32\], got \[2, 2, 31\]"),
     BadInput("dec-vcache-shape", "v_cache with another T_max", lambda: _args(v_cache=_rn(2, 2, 9, 32)),
              ValueError, r"v_cache must have shape \[2, 2, 8, 32\], got \[2, 2, 9, 32\]"),
@@ -261,7 +262,8 @@ BAD_INPUTS = (
              ValueError, r"k_cache has T_max = 0; the cache must hold at least one position"),
     BadInput("dec-batch0", "batch of 0", lambda: _args(b=0, seqlens=()),
              ValueError, r"q is empty \(shape \[0, 2, 32\]\); every dimension must be >= 1"),
-    BadInput("dec-mixed-dtype", "k_cache bf16 with q fp32", lambda: _args(k_cache=_rn(2, 2, 8, 32, dtype=torch.bfloat16)),
+    BadInput("dec-mixed-dtype", "k_cache bf16 with q fp32",
+             lambda: _args(k_cache=_rn(2, 2, 8, 32, dtype=torch.bfloat16)),
              TypeError, r"k_cache has dtype torch\.bfloat16 but q has torch\.float32; they must match"),
     BadInput("dec-expanded-append", "append into an expand()-ed k_cache (silently corrupted it before)",
              lambda: _args(k_cache=_expanded()),
@@ -301,9 +303,9 @@ def bench_cases(sweep: str) -> list[BenchCase]:
     if sweep == "quick":
         c = [_bench(8, 12, n, "cache_len", "B=8 H=12") for n in (512, 2048, 8192)]
         c += [_bench(b, 12, 1024, "batch", "L=1024 H=12") for b in (1, 64, 256)]
-        return c + [_bench(64, 12, 8192, "batch", "ragged Lmax=8192 H=12", True)]
+        return [*c, _bench(64, 12, 8192, "batch", "ragged Lmax=8192 H=12", True)]
     c = [_bench(2, 2, n, "cache_len", "B=2 H=2") for n in (0, 16, 33)]
-    return c + [_bench(3, 2, 40, "batch", "ragged Lmax=40 H=2", True)]
+    return [*c, _bench(3, 2, 40, "batch", "ragged Lmax=40 H=2", True)]
 
 
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:

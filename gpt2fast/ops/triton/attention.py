@@ -19,8 +19,8 @@ from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.triton._common import (
     TL_DTYPE,
     CompileCase,
-    int32_span_reason,
     dot_precision,
+    int32_span_reason,
     interpreting,
     launch,
     next_pow2,
