@@ -43,7 +43,7 @@ from contextlib import contextmanager
 
 import torch
 
-from gpt2fast import ops
+from gpt2fast import checks, ops
 
 #: Graphs kept per model (each holds a private memory pool for the step's intermediates).
 MAX_GRAPHS = 8
@@ -237,9 +237,8 @@ class GraphStep:
                 self.on_failure(exc)
                 return self.eager_step(tokens)
         cache = self.model.cache
+        checks.check_cache_room(cache)  # the same refusal as the eager decode_step, without a sync
         host_max = cache.host_max  # the replay advances the device lengths; keep the host bound in step
-        if host_max >= cache.max_len:  # the same refusal as the eager decode_step, without a sync
-            raise ValueError(f"the KV cache is full ({cache.max_len} positions); cannot decode another token")
         self.static_in.copy_(tokens)
         self.graph.replay()
         cache.host_max = host_max + 1
