@@ -40,10 +40,14 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 
-from gpt2fast import ops
+from gpt2fast import checks, ops
+
+if TYPE_CHECKING:
+    from gpt2fast.model import GPT2
 
 #: Graphs kept per model (each holds a private memory pool for the step's intermediates).
 MAX_GRAPHS = 8
@@ -103,7 +107,7 @@ def _get(obj: object, dotted: str):
 class _Snapshot:
     """Values of the model cache's lengths, the state's tensors and the RNG, to undo a warm-up."""
 
-    def __init__(self, model, state: object) -> None:
+    def __init__(self, model: GPT2, state: object) -> None:
         self.cache = model.cache
         self.host_max = model.cache.host_max
         self.targets = [model.cache.seqlens, *state_tensors(state).values()]
@@ -194,7 +198,7 @@ class GraphStep:
     If capture fails it calls ``on_failure(exc)`` and runs ``eager_step`` from then on.
     """
 
-    def __init__(self, model, state: object, eager_step: Step, on_failure: Callable[[Exception], None]) -> None:
+    def __init__(self, model: GPT2, state: object, eager_step: Step, on_failure: Callable[[Exception], None]) -> None:
         self.model, self.state, self.eager_step, self.on_failure = model, state, eager_step, on_failure
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_in: torch.Tensor | None = None
@@ -237,9 +241,8 @@ class GraphStep:
                 self.on_failure(exc)
                 return self.eager_step(tokens)
         cache = self.model.cache
+        checks.check_cache_room(cache)  # the same refusal as the eager decode_step, without a sync
         host_max = cache.host_max  # the replay advances the device lengths; keep the host bound in step
-        if host_max >= cache.max_len:  # the same refusal as the eager decode_step, without a sync
-            raise ValueError(f"the KV cache is full ({cache.max_len} positions); cannot decode another token")
         self.static_in.copy_(tokens)
         self.graph.replay()
         cache.host_max = host_max + 1
@@ -250,7 +253,7 @@ class GraphStep:
 # ---- the factory (the seam generation.make_step calls) ----------------------------------------------------
 
 
-def graph_key(model, state: object) -> tuple:
+def graph_key(model: GPT2, state: object) -> tuple:
     """What a captured step depends on: shapes, dtype, storage of the cache and weights, backend,
     sampling config, generator and decode-state layout."""
     cache = model.cache
@@ -261,7 +264,7 @@ def graph_key(model, state: object) -> tuple:
             _layout(state))  # fmt: skip
 
 
-def graph_cache(model) -> OrderedDict:
+def graph_cache(model: GPT2) -> OrderedDict:
     """The model's captured decode steps, by :func:`graph_key` (least recently used first)."""
     cache = model.__dict__.get(_CACHE_ATTR)
     if cache is None:
@@ -270,7 +273,7 @@ def graph_cache(model) -> OrderedDict:
     return cache
 
 
-def clear_graphs(model) -> None:
+def clear_graphs(model: GPT2) -> None:
     """Drop every captured decode step of ``model`` (frees their memory pools once unreferenced)."""
     model.__dict__.pop(_CACHE_ATTR, None)
 
@@ -292,7 +295,7 @@ def _check_model(model, state: object) -> None:
             raise ValueError(f"decode state tensor {name} is on {t.device} but the model is on {weight.device}")
 
 
-def make_graph_step(model, state: object, eager_step: Step) -> Step:
+def make_graph_step(model: GPT2, state: object, eager_step: Step) -> Step:
     """Return ``step(tokens[B]) -> next_tokens[B]`` that replays a CUDA graph of ``eager_step``.
 
     ``eager_step`` must be ``state.select(model.decode_step(tokens, check_ids=False))`` (see

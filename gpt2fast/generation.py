@@ -19,9 +19,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from gpt2fast import checks
 from gpt2fast.sampling import SamplingConfig, TokenHistory, process_logits, sample
 
 #: How many decode steps run between two host checks of "has every sequence finished?".
@@ -29,6 +31,9 @@ CHECK_EVERY = 8
 #: The KV cache length is rounded up to a multiple of this (capped at n_positions): generate calls with
 #: nearby prompt lengths then share one cache allocation and one captured decode graph.
 CACHE_ROUND = 128
+
+if TYPE_CHECKING:
+    from gpt2fast.model import GPT2
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
@@ -67,7 +72,7 @@ class DecodeState:
         return tokens
 
 
-def make_step(model, state: DecodeState, use_cuda_graph: bool | None = None) -> Step:
+def make_step(model: GPT2, state: DecodeState, use_cuda_graph: bool | None = None) -> Step:
     """Build ``step(tokens[B]) -> next_tokens[B]``: one decode step plus token selection.
 
     The seam for CUDA graphs: on a CUDA model with ``use_cuda_graph`` in (None, True) this
@@ -102,40 +107,6 @@ class _Request:
     pad_id: int
 
 
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value >= high):
-        bounds = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-    return value
-
-
-def _prompt_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-sequence prompt lengths from a left-padding ``attention_mask`` (validated)."""
-    B, T = input_ids.shape
-    if attention_mask is None:
-        return torch.full((B,), T, dtype=torch.int32, device=input_ids.device)
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-    if tuple(attention_mask.shape) != (B, T):
-        raise ValueError(f"attention_mask must have input_ids' shape {[B, T]}, got {list(attention_mask.shape)}")
-    if attention_mask.dtype.is_floating_point or attention_mask.is_complex():
-        raise TypeError(f"attention_mask must be an integer or bool tensor of 0/1, got {attention_mask.dtype}")
-    if attention_mask.device != input_ids.device:
-        raise RuntimeError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
-    mask = attention_mask.long()
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 and 1")
-    lengths = mask.sum(1)
-    left_padded = torch.arange(T, device=mask.device)[None, :] >= (T - lengths)[:, None]
-    if not bool((left_padded == mask.bool()).all()):
-        raise ValueError("attention_mask must be left-padded: each row is zeros followed by ones")
-    if int(lengths.min()) < 1:
-        raise ValueError("attention_mask has a row with no tokens; every prompt needs at least one")
-    return lengths.to(torch.int32)
-
-
 def _right_pad(input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Move each left-padded prompt to the start of its row; the tail is filled with token 0."""
     T = input_ids.shape[1]
@@ -146,54 +117,34 @@ def _right_pad(input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def validate(
-    model,
-    input_ids,
-    attention_mask,
-    max_new_tokens,
+    model: GPT2,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
     cfg: SamplingConfig,
-    eos_token_id,
-    pad_token_id,
-    generator,
-    use_cuda_graph,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int | None,
+    generator: torch.Generator | None,
+    use_cuda_graph: bool | None,
 ) -> _Request:
-    """Check every argument of a generate call (raising before any model state changes)."""
+    """Check every argument of a generate call (raising before any model state changes); ``cfg`` checked
+    itself when it was built.  Returns the right-padded prompts and their lengths."""
     model.check_ids(input_ids)
-    V, n_pos = model.config.vocab_size, model.config.n_positions
     device = model.wte.weight.device
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    lengths = _prompt_lengths(input_ids, attention_mask)
+    checks.check_int("max_new_tokens", max_new_tokens, 1)
+    lengths = checks.check_attention_mask(input_ids, attention_mask)
     longest = int(lengths.max())
-    if longest + max_new_tokens > n_pos:
-        raise ValueError(
-            f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's n_positions={n_pos}"
-        )
-    if eos_token_id is None:
-        eos = []
-    elif isinstance(eos_token_id, (list, tuple)):
-        eos = [_check_int("eos_token_id", e, 0, V) for e in eos_token_id]
-    else:
-        eos = [_check_int("eos_token_id", eos_token_id, 0, V)]
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    _check_int("pad_token_id", pad_token_id, 0)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        gen_device = generator.device
-        if gen_device.type != device.type or gen_device.index not in (None, device.index):
-            # another GPU's generator: its graph-safe seed/offset tensors live there, out of the graph's reach
-            raise ValueError(f"generator is on {gen_device} but the model is on {device}")
-    if use_cuda_graph not in (None, True, False):
-        raise TypeError(f"use_cuda_graph must be None or a bool, got {use_cuda_graph!r}")
-    if use_cuda_graph and device.type != "cuda":
-        raise ValueError(f"use_cuda_graph=True needs a CUDA model; this one is on {device}")
+    checks.check_context(longest, max_new_tokens, model.config.n_positions)
+    eos, pad_id = checks.check_special_tokens(eos_token_id, pad_token_id, model.config.vocab_size)
+    checks.check_generator(generator, device)
+    checks.check_use_cuda_graph(use_cuda_graph, device)
     prompts = _right_pad(input_ids, lengths)[:, :longest]
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-    return _Request(prompts, lengths, eos_ids, pad_token_id)
+    return _Request(prompts, lengths, eos_ids, pad_id)
 
 
 def _start(
-    model,
+    model: GPT2,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 20,
@@ -236,7 +187,7 @@ def _start(
 
 
 def generate(
-    model,
+    model: GPT2,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 20,
@@ -271,7 +222,7 @@ def generate(
 
 
 def generate_stream(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    model: GPT2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
 ) -> Iterator[torch.Tensor]:
     """Validate now and return an iterator over each step's new tokens ``[B]`` (finished sequences get
     ``pad_token_id``); it stops once every sequence has finished.  Takes :func:`generate`'s arguments.

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gpt2fast import ops
+from gpt2fast import checks, ops
 from gpt2fast.ops._validate import FLOAT_DTYPES
 
 #: Name under which the gpt2fast attention function and its mask function are registered in transformers.
@@ -56,7 +56,6 @@ TANH_GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 
 _STATE_ATTR = "_gpt2fast_patch"  # on the patched top-level model
 _MODULE_ATTR = "_gpt2fast_state"  # on each patched submodule (read by the attention function)
-_BACKENDS = ("auto", "reference", "triton", "cuda")
 
 
 @dataclass
@@ -244,30 +243,44 @@ def _tag(state: _PatchState, module: nn.Module) -> None:
     state.tagged.append(module)
 
 
-def _check_backend(backend: str | None, device: torch.device) -> None:
-    if backend is None or backend == "auto":
+def _check_backend(backend: str | None, model: nn.Module, mlp_patched: bool) -> None:
+    """A named ``backend`` must be registered, available on the model's device and able to run its shapes."""
+    if backend is None or backend == ops.AUTO:
         return
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    names = (ops.AUTO, *ops.backend_names())
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names} or None, got {backend!r}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     status = ops.backend_status(backend, device)
     if not status.available:
         raise ops.BackendUnavailableError(
             f"backend {backend!r} cannot run this model's {device} parameters: {status.reason}"
         )
+    c = model.config
+    checks.check_backend(
+        backend,
+        n_embd=c.n_embd,
+        n_head=c.n_head,
+        mlp_dim=(c.n_inner or 4 * c.n_embd) if mlp_patched else None,
+        eps=c.layer_norm_epsilon,
+        dtype=param.dtype if param is not None else torch.float32,
+    )
 
 
 def patch_hf(model: nn.Module, backend: str | None = "auto") -> nn.Module:
     """Make a transformers ``GPT2LMHeadModel``/``GPT2Model`` run on gpt2fast ops, in place; returns ``model``.
 
-    ``backend`` is ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``None`` (the process-wide
-    default, see :func:`gpt2fast.ops.set_backend`).  A named backend is checked against the model's device
-    now.  Patching an already patched model only changes its backend.  See the module docstring for when
-    transformers' own code still runs.
+    ``backend`` is ``"auto"``, a registered backend name (:func:`gpt2fast.ops.backend_names`) or ``None``
+    (the process-wide default, see :func:`gpt2fast.ops.set_backend`).  A named backend is checked now against
+    the model's device and its shapes (a head dim the backend's kernels lack is refused here, with the reason,
+    not in every later call); "auto" falls through per call instead.  Patching an already patched model only
+    changes its backend.  See the module docstring for when transformers' own code still runs.
     """
     mg, attention_interface, mask_interface, sdpa_mask, _ = _transformers_layout()
     body = _gpt2_body(model, mg)
-    param = next(model.parameters(), None)
-    _check_backend(backend, param.device if param is not None else torch.device("cpu"))
+    tanh_mlp = model.config.activation_function in TANH_GELU_ACTIVATIONS  # else transformers' MLP stays
+    _check_backend(backend, model, tanh_mlp)
 
     existing = model.__dict__.get(_STATE_ATTR)
     if existing is not None:
@@ -287,7 +300,7 @@ def patch_hf(model: nn.Module, backend: str | None = "auto") -> nn.Module:
                 _tag(state, attn)
     for ln in layer_norms:
         _replace_forward(state, ln, _layer_norm_forward)
-    if model.config.activation_function in TANH_GELU_ACTIVATIONS:
+    if tanh_mlp:
         for block in body.h:
             _replace_forward(state, block.mlp, _mlp_forward)
         state.mlp_patched = True

@@ -16,10 +16,14 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from gpt2fast.config import GPT2Config
+
+if TYPE_CHECKING:
+    from gpt2fast.model import GPT2
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _PREFIX = "transformer."
@@ -43,13 +47,16 @@ def _is_ignored(name: str) -> bool:
     return name.split(".")[-2:] in (["attn", "bias"], ["attn", "masked_bias"])
 
 
-def _build_empty(config: GPT2Config, dtype: torch.dtype, backend: str | None):
+def _build_empty(config: GPT2Config, dtype: torch.dtype, backend: str | None) -> GPT2:
+    """The model on the meta device in ``dtype``, on ``backend``."""
     from gpt2fast.model import GPT2
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     with torch.device("meta"):
-        return GPT2(config, backend=backend).to(dtype)
+        model = GPT2(config).to(dtype)
+    model.backend = backend  # checked against the model's shapes and dtype
+    return model
 
 
 class _Source:
@@ -198,7 +205,7 @@ def load_pretrained(
     device: torch.device | str | None = None,
     backend: str | None = None,
     quiet: bool = False,
-):
+) -> GPT2:
     """Load a Hugging Face GPT-2 checkpoint: a directory with ``config.json`` and ``model.safetensors``
     (preferred) or ``pytorch_model.bin``, or the path of one of those weight files.
 
@@ -222,7 +229,12 @@ def load_pretrained(
     return _fill(_build_empty(config, dtype, backend), source, dtype, device, quiet, weights.name)
 
 
-def from_hf(hf_model, dtype: torch.dtype | None = None, device=None, backend: str | None = None):
+def from_hf(
+    hf_model: torch.nn.Module,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+) -> GPT2:
     """Copy a transformers ``GPT2LMHeadModel`` (or ``GPT2Model``); dtype/device default to the HF model's."""
     config = GPT2Config.from_hf(hf_model.config)
     sd = hf_model.state_dict()
@@ -239,7 +251,7 @@ def random_init(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     backend: str | None = None,
-):
+) -> GPT2:
     """GPT-2 with GPT-2's initialisation, made directly in ``dtype`` on ``device`` (for benchmarks and tests).
 
     Linear and embedding weights ~ N(0, 0.02), the residual projections (``c_proj``) scaled by
@@ -261,7 +273,7 @@ def random_init(
     return model.eval().requires_grad_(False)
 
 
-def save_pretrained(model, directory: str | Path) -> None:
+def save_pretrained(model: GPT2, directory: str | Path) -> None:
     """Write ``config.json`` and ``model.safetensors`` in Hugging Face's GPT-2 layout
     (``transformer.`` names, Conv1D ``[in, out]`` weights, tied head omitted) so that
     ``transformers.GPT2LMHeadModel.from_pretrained(directory)`` loads it."""

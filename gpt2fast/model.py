@@ -1,21 +1,37 @@
 """GPT-2, in the spirit of nanoGPT's model.py, built on :mod:`gpt2fast.ops`.
 
 Every LayerNorm, the MLP's bias+GELU and both kinds of attention go through
-``gpt2fast.ops`` with the model's backend.  The residual add is fused into the
-LayerNorm that follows it.  The KV cache is static: ``[layers, batch, heads,
-max_len, head_dim]`` plus an int32 length per sequence, kept on the device.
+``gpt2fast.ops`` on the backend each submodule was built with (``GPT2.backend``
+sets them all).  The residual add is fused into the LayerNorm that follows it.
+The KV cache is static: ``[layers, batch, heads, max_len, head_dim]`` plus an
+int32 length per sequence, kept on the device; each block gets its layer's view.
+Prefill and decode follow from the cache and the input, as with gpt-fast's
+``input_pos``: with a cache, one token per sequence decodes at that sequence's
+length, a longer input fills the cache from position 0; without one, the
+forward is plain causal attention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2fast import generation, loading, ops
+from gpt2fast import checks, generation, loading, ops
 from gpt2fast.config import GPT2Config
+
+
+class LayerKV(NamedTuple):
+    """One layer's view of a :class:`KVCache`: keys/values ``[B, H, max_len, D]`` and the shared lengths ``[B]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    seqlens: torch.Tensor
 
 
 @dataclass
@@ -37,72 +53,82 @@ class KVCache:
         """Positions per sequence."""
         return self.k.shape[3]
 
+    def layer(self, i: int) -> LayerKV:
+        """Layer ``i``'s keys and values (views, no copies) with the shared lengths."""
+        return LayerKV(self.k[i], self.v[i], self.seqlens)
+
 
 class LayerNorm(nn.Module):
     """LayerNorm that can fuse the residual add before it: returns ``(LN(x + residual), x + residual)``."""
 
-    def __init__(self, n: int, eps: float, model: GPT2) -> None:
+    def __init__(self, n: int, eps: float, backend: str | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n))
         self.bias = nn.Parameter(torch.zeros(n))
         self.eps = eps
-        self._model = [model]  # a list, so the parent is not registered as a submodule
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        backend = self._model[0].backend
+        """``(LN(x), x)``, or with ``residual`` ``(LN(x + residual), x + residual)``; all ``[B, T, C]``."""
         if residual is None:
-            return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=backend), x
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=backend)
+            return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend), x
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with one fused QKV projection."""
+    """Multi-head causal self-attention with one fused QKV projection.
 
-    def __init__(self, config: GPT2Config, model: GPT2) -> None:
+    Without a cache it is plain causal attention.  With one layer's cache view, ``T == 1`` is a decode step
+    (attend to the cache, appending this token's k/v at each sequence's length); a longer input is a prefill
+    (causal attention, and its k/v written to the cache from position 0).
+    """
+
+    def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self._model = [model]
+        self.backend = backend
 
-    def forward(self, x: torch.Tensor, layer: int, mode: str) -> torch.Tensor:
-        model = self._model[0]
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        """``x [B, T, C]`` to ``[B, T, C]``, reading and writing ``cache`` when given."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)
-        if mode == "decode":  # T == 1: attend to the cache, appending k/v at each sequence's length
-            cache = model.cache
+        H = self.n_head
+        q, k, v = self.c_attn(x).view(B, T, 3, H, C // H).unbind(2)  # [B, T, H, D] each, strided views
+        if cache is not None and T == 1:  # decode: attend to the cache, appending k/v at each sequence's length
             y = ops.decode_attention(
-                q[:, 0],
-                cache.k[layer],
-                cache.v[layer],
+                q[:, 0],  # [B, H, D]
+                cache.k,  # [B, H, max_len, D]
+                cache.v,
                 cache.seqlens,
-                k[:, 0],
+                k[:, 0],  # [B, H, D]
                 v[:, 0],
-                backend=model.backend,
+                backend=self.backend,
                 check_seqlens=False,  # decode_step checked the host-side bound once for all layers
-            )
-            y = y.view(B, 1, C)
+            )  # [B, H, D]
+            y = y.view(B, 1, C)  # [B, 1, C]
         else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-            y = ops.attention(q, k, v, causal=True, backend=model.backend)  # strided views: no copies
-            if mode == "prefill":  # fill the cache from position 0
-                model.cache.k[layer, :B, :, :T] = k
-                model.cache.v[layer, :B, :, :T] = v
-            y = y.transpose(1, 2).reshape(B, T, C)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]: strided views, no copies
+            y = ops.attention(q, k, v, causal=True, backend=self.backend)  # [B, H, T, D]
+            if cache is not None:  # prefill: fill the cache from position 0
+                cache.k[:B, :, :T] = k  # [B, H, T, D] into [B, H, max_len, D]
+                cache.v[:B, :, :T] = v
+            y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, H, D] -> [B, T, C]
         return self.c_proj(y)
 
 
 class MLP(nn.Module):
     """c_fc, fused bias+GELU (tanh), c_proj."""
 
-    def __init__(self, config: GPT2Config, model: GPT2) -> None:
+    def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
         self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
-        self._model = [model]
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias, backend=self._model[0].backend)
+        """``[B, T, C]`` to ``[B, T, C]``; c_fc's bias is added inside the GELU kernel."""
+        h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias, backend=self.backend)  # [B, T, M]
         return self.c_proj(h)
 
 
@@ -110,37 +136,70 @@ class Block(nn.Module):
     """Pre-LN transformer block.  Takes the previous sublayer's output ``x`` and the residual
     stream it has not been added to yet; returns the same pair for the next block."""
 
-    def __init__(self, config: GPT2Config, model: GPT2) -> None:
+    def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon, model)
-        self.attn = CausalSelfAttention(config, model)
-        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon, model)
-        self.mlp = MLP(config, model)
+        self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon, backend)
+        self.attn = CausalSelfAttention(config, backend)
+        self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon, backend)
+        self.mlp = MLP(config, backend)
 
-    def forward(self, x, residual, layer: int, mode: str):
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cache: LayerKV | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, residual)`` ``[B, T, C]`` each to the next block's pair; ``cache``: this layer's view."""
         y, residual = self.ln_1(x, residual)
-        y, residual = self.ln_2(self.attn(y, layer, mode), residual)
+        y, residual = self.ln_2(self.attn(y, cache), residual)
         return self.mlp(y), residual
 
 
+#: The submodules that run ops, each holding the backend it runs them on.
+_OP_MODULES = (LayerNorm, CausalSelfAttention, MLP)
+
+
 class GPT2(nn.Module):
-    """GPT-2 language model with a static KV cache, running its ops on ``backend``."""
+    """GPT-2 language model with a static KV cache, running its ops on ``backend``.
+
+    ``backend``: a registered backend name, "auto", or None (the process default, see
+    :func:`gpt2fast.ops.set_backend`).  A named backend that cannot run this model's shapes is refused here,
+    with the reason (see :func:`gpt2fast.checks.check_backend`); its availability on a device is checked when
+    an op runs.
+    """
 
     def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
         super().__init__()
+        checks.check_model_backend(backend, config, torch.get_default_dtype())
         self.config = config
-        self.backend = backend
+        self._backend = backend
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList([Block(config, self) for _ in range(config.n_layer)])
-        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, self)
+        self.h = nn.ModuleList([Block(config, backend) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, backend)
         self.cache: KVCache | None = None
 
+    @property
+    def backend(self) -> str | None:
+        """The backend every op of the model runs on (settable: the new one is checked, then given to every
+        submodule)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        checks.check_model_backend(name, self.config, self.wte.weight.dtype)
+        for module in self.modules():
+            if isinstance(module, _OP_MODULES):
+                module.backend = name
+        self._backend = name
+
     # ---- forward passes -------------------------------------------------------------
-    def _run(self, idx: torch.Tensor, pos: torch.Tensor, mode: str) -> torch.Tensor:
-        x, residual = self.wte(idx) + self.wpe(pos), None
+    def _hidden(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states ``[B, T, C]`` of ids ``idx [B, T]`` at positions ``pos`` (``[T]`` or ``[B, T]``).
+
+        With ``cache``: ``T == 1`` decodes one token per sequence at its cache length; otherwise the cache is
+        filled from position 0 (prefill).
+        """
+        x, residual = self.wte(idx) + self.wpe(pos), None  # [B, T, C]
         for i, block in enumerate(self.h):
-            x, residual = block(x, residual, i, mode)
+            x, residual = block(x, residual, None if cache is None else cache.layer(i))
         y, _ = self.ln_f(x, residual)
         return y
 
@@ -148,20 +207,14 @@ class GPT2(nn.Module):
         """Full causal forward without the cache: ``[B, T]`` ids to ``[B, T, V]`` logits."""
         self.check_ids(input_ids)
         T = input_ids.shape[1]
-        pos = torch.arange(T, device=input_ids.device)
-        return F.linear(self._run(input_ids, pos, "full"), self.wte.weight)
+        pos = torch.arange(T, device=input_ids.device)  # [T]
+        return F.linear(self._hidden(input_ids, pos), self.wte.weight)
 
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """(Re)allocate the static KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
         c = self.config
         max_len = c.n_positions if max_len is None else max_len
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if not 1 <= max_len <= c.n_positions:
-            raise ValueError(f"max_len must be in [1, n_positions={c.n_positions}], got {max_len}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        checks.check_cache_size(batch_size, max_len, c.n_positions)
         p = self.wte.weight
         shape = (c.n_layer, batch_size, c.n_head, max_len, c.head_dim)
         cache = self.cache
@@ -184,28 +237,14 @@ class GPT2(nn.Module):
         Padding sits after each prompt, so causal attention never lets a real token see it.
         """
         self.check_ids(input_ids)
+        lengths, longest = checks.check_prefill(input_ids, lengths, self.cache)
         B, T = input_ids.shape
-        if self.cache is None or self.cache.batch_size != B:
-            raise RuntimeError(f"call setup_cache({B}, max_len) before prefill")
-        if T > self.cache.max_len:
-            raise ValueError(f"prompt length {T} exceeds the cache's max_len {self.cache.max_len}")
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.int32, device=input_ids.device)
-        if (
-            not isinstance(lengths, torch.Tensor)
-            or lengths.dtype.is_floating_point
-            or lengths.dtype == torch.bool
-            or tuple(lengths.shape) != (B,)
-        ):
-            raise ValueError(f"lengths must be an integer tensor of shape [{B}], got {lengths!r}")
-        lengths = lengths.to(device=input_ids.device, dtype=torch.int32)
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 1 or hi > T:
-            raise ValueError(f"lengths must lie in [1, {T}], got {lengths.tolist()}")
-        y = self._run(input_ids, torch.arange(T, device=input_ids.device), "prefill")
-        self.cache.seqlens.copy_(lengths)
-        self.cache.host_max = hi
-        last = y[torch.arange(B, device=y.device), lengths.long() - 1]
+        cache = self.cache
+        cache.seqlens.zero_()  # the prompts start at position 0 (a 1-token prompt is appended there)
+        y = self._hidden(input_ids, torch.arange(T, device=input_ids.device), cache)  # [B, T, C]
+        cache.seqlens.copy_(lengths)
+        cache.host_max = longest
+        last = y[torch.arange(B, device=y.device), lengths.long() - 1]  # [B, C]
         return F.linear(last, self.wte.weight)
 
     @torch.no_grad()
@@ -218,39 +257,51 @@ class GPT2(nn.Module):
         be captured in a CUDA graph.
         """
         cache = self.cache
-        if cache is None:
-            raise RuntimeError("call setup_cache(B, max_len) and prefill before decode_step")
-        if tokens.dim() != 1 or tokens.shape[0] != cache.batch_size or tokens.dtype.is_floating_point:
-            raise ValueError(
-                f"tokens must be integer ids [{cache.batch_size}], got {tokens.dtype} {list(tokens.shape)}"
-            )
-        if check_ids and not bool(((tokens >= 0) & (tokens < self.config.vocab_size)).all()):
-            raise ValueError(f"tokens contain an id outside the vocabulary [0, {self.config.vocab_size})")
-        if cache.host_max >= cache.max_len:
-            raise ValueError(f"the KV cache is full ({cache.max_len} positions); cannot decode another token")
-        y = self._run(tokens[:, None], cache.seqlens.long()[:, None], "decode")
+        checks.check_decode_tokens(tokens, cache, self.config.vocab_size, check_ids)
+        pos = cache.seqlens.long()[:, None]  # [B, 1]
+        y = self._hidden(tokens[:, None], pos, cache)  # [B, 1, C]
         cache.seqlens += 1
         cache.host_max += 1
         return F.linear(y[:, 0], self.wte.weight)
 
     # ---- loading, saving, generation (the logic lives in loading.py / generation.py) ----
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, backend: str | None = None, quiet: bool = False) -> GPT2:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        quiet: bool = False,
+    ) -> GPT2:
         """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors or
         pytorch_model.bin) or weight file.  ``dtype=None`` keeps the stored dtype; ``device=None`` is CPU."""
         return loading.load_pretrained(path, dtype, device, backend, quiet)
 
     @classmethod
-    def from_hf(cls, hf_model, dtype=None, device=None, backend: str | None = None) -> GPT2:
+    def from_hf(
+        cls,
+        hf_model: nn.Module,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> GPT2:
         """Copy the weights of a transformers ``GPT2LMHeadModel``."""
         return loading.from_hf(hf_model, dtype, device, backend)
 
     @classmethod
-    def random(cls, config, seed: int = 0, dtype=torch.float32, device="cpu", backend: str | None = None) -> GPT2:
+    def random(
+        cls,
+        config: GPT2Config | str,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        backend: str | None = None,
+    ) -> GPT2:
         """GPT-2-initialised random weights for a ``GPT2Config`` or a size name ("gpt2", ..., "gpt2-xl")."""
         return loading.random_init(config, seed, dtype, device, backend)
 
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json + model.safetensors that transformers' ``GPT2LMHeadModel`` loads."""
         loading.save_pretrained(self, directory)
 
@@ -260,26 +311,13 @@ class GPT2(nn.Module):
         generator=None, use_cuda_graph=None.  Returns ``[B, T + new]``; see :func:`gpt2fast.generation.generate`."""
         return generation.generate(self, input_ids, attention_mask, **kwargs)
 
-    def generate_stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    def generate_stream(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> Iterator[torch.Tensor]:
         """Like :meth:`generate` but returns an iterator over each step's new tokens ``[B]``."""
         return generation.generate_stream(self, input_ids, attention_mask, **kwargs)
 
     # ---- checks ---------------------------------------------------------------------
     def check_ids(self, input_ids: torch.Tensor) -> None:
         """Raise a clear error for ids that are not a 2-D integer tensor within the vocab and context."""
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be 2-D [batch, seq], got shape {list(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)})")
-        if input_ids.device != self.wte.weight.device:
-            raise RuntimeError(f"input_ids is on {input_ids.device} but the model is on {self.wte.weight.device}")
-        if input_ids.shape[1] > self.config.n_positions:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds n_positions={self.config.n_positions}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids contains id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        checks.check_ids(input_ids, self.config, self.wte.weight.device)

@@ -13,10 +13,11 @@ temperature, top-k, top-p.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from gpt2fast import checks
 
 
 @dataclass(frozen=True)
@@ -34,27 +35,8 @@ class SamplingConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``TypeError``/``ValueError`` naming the first bad knob."""
-        if not isinstance(self.do_sample, bool):
-            raise TypeError(f"do_sample must be a bool, got {self.do_sample!r}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TypeError(f"{name} must be a finite number, got {value!r}")
-        for name in ("top_k", "no_repeat_ngram_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when do_sample=True, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}")
+        """Raise ``TypeError``/``ValueError`` naming the first bad knob (:func:`gpt2fast.checks.check_sampling`)."""
+        checks.check_sampling(self)
 
 
 class TokenHistory:

@@ -6,7 +6,9 @@ comparing an unpatched model with itself (the failure mode of Liger-Kernel issue
 
 from __future__ import annotations
 
-import importlib
+import re
+from collections import Counter
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 from gpt2fast import ops
 from gpt2fast.hf_patch import ATTN_IMPLEMENTATION, is_patched, patch_hf, unpatch_hf
 from gpt2fast.testing import assert_fa_close
+from gpt2fast.testing.conformance import count_dispatches
 
 N_LAYER = 2
 OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention")
@@ -63,24 +66,33 @@ def tiny_model(dtype: torch.dtype = torch.float32, device: str = "cpu", **overri
     return GPT2LMHeadModel(tiny_config(**overrides)).eval().to(device=device, dtype=dtype)
 
 
+class OpCalls(Mapping):
+    """Calls that reached any backend's implementation, by op (a live view of a ``count_dispatches`` counter);
+    ``backends`` is the set of backends that were reached."""
+
+    def __init__(self, by_impl: Counter) -> None:
+        self.by_impl = by_impl
+
+    def __getitem__(self, op: str) -> int:
+        return sum(n for (o, _), n in self.by_impl.items() if o == op)
+
+    def __iter__(self):
+        return iter(OPS)
+
+    def __len__(self) -> int:
+        return len(OPS)
+
+    @property
+    def backends(self) -> set[str]:
+        return {b for (_, b), n in self.by_impl.items() if n}
+
+
 @pytest.fixture
-def counts(monkeypatch):
-    """Count calls into every backend's op functions: {op name: calls}."""
-    calls = dict.fromkeys(OPS, 0)
-    for backend in ops.BACKENDS:
-        try:
-            mod = importlib.import_module(f"gpt2fast.ops.{backend}")
-        except Exception:  # a backend that cannot import cannot be called either
-            continue
-        for name in OPS:
-            fn = getattr(mod, name)
-
-            def counted(*args, _fn=fn, _name=name, **kwargs):
-                calls[_name] += 1
-                return _fn(*args, **kwargs)
-
-            monkeypatch.setattr(mod, name, counted)
-    return calls
+def counts():
+    """Count calls into every backend's op implementations: {op name: calls}."""
+    ops.backend_names()  # load the built-in backends first, so their implementations are counted too
+    with count_dispatches() as by_impl:
+        yield OpCalls(by_impl)
 
 
 def _greedy(model, ids, mask=None, n=6):
@@ -111,6 +123,7 @@ def test_greedy_generate_token_identical_fp32(backend, counts):
     assert counts["bias_gelu"] == forwards * N_LAYER
     assert counts["attention"] == N_LAYER
     assert counts["decode_attention"] == (n_new - 1) * N_LAYER
+    assert counts.backends == {backend}
 
 
 def _check_low_precision(backend: str, dtype: torch.dtype, device: str, counts: dict) -> None:
@@ -281,3 +294,30 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ops.BackendUnavailableError, match="'cuda'"):
         patch_hf(model, backend="cuda")
     assert not is_patched(model)
+
+
+@pytest.mark.parametrize("n_embd, d", [(16, 8), (32, 16)])
+def test_named_backend_refuses_unsupported_head_dims_at_patch_time(n_embd, d, counts):
+    """A head dim the triton kernels lack is refused by patch_hf (not by every later generate call); "auto"
+    patches and generates, each op falling through per call."""
+    ok, reason = _cpu_status("triton")
+    if not ok:
+        pytest.skip(f"triton: {reason}")
+    model = tiny_model(n_embd=n_embd)
+    with pytest.raises(ValueError, match=rf"backend 'triton' cannot run this model: .*got q with D={d}"):
+        patch_hf(model, backend="triton")
+    assert not is_patched(model)
+    ids = _ids()
+    expected = _greedy(model, ids)
+    patch_hf(model, backend="auto")
+    assert torch.equal(_greedy(model, ids), expected)
+    assert counts["attention"] == N_LAYER and counts["decode_attention"] > 0
+    with pytest.raises(ValueError, match=rf"backend 'triton' cannot run this model: .*got q with D={d}"):
+        patch_hf(model, backend="triton")  # re-patching checks too, and keeps the backend it had
+    assert model.__dict__["_gpt2fast_patch"].backend == "auto"
+
+
+def test_backend_names_come_from_the_registry():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=re.escape(str(("auto", *ops.backend_names())))):
+        patch_hf(model, backend="fastest")

@@ -204,3 +204,118 @@ def test_prefill_lengths_setup_cache_and_decode_ids_are_checked():
         with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 101\)"):
             model.decode_step(bad)
     assert model.cache.seqlens.tolist() == [4, 4]
+
+
+def test_one_token_prefill_into_a_used_cache_starts_at_position_0():
+    """A 1-token prompt takes the decode path (one token with a cache); prefill still writes it at position 0,
+    even into a cache that a longer prompt filled before."""
+    _, model = pair("h3_v101")
+    ids = random_ids(101, (2, 6))
+    model.setup_cache(2, 8)
+    model.prefill(ids[:, :5])
+    model.decode_step(ids[:, 5])
+    first = model.prefill(ids[:, :1])
+    assert model.cache.seqlens.tolist() == [1, 1] and model.cache.host_max == 1
+    second = model.decode_step(ids[:, 1])
+    with torch.no_grad():
+        full = model(ids[:, :2])
+    assert (first - full[:, 0]).abs().max().item() <= 1e-4
+    assert (second - full[:, 1]).abs().max().item() <= 1e-4
+
+
+def test_the_cache_and_the_input_length_pick_the_attention_op():
+    """No cache: causal attention; a cache and several tokens (prefill): attention; a cache and one token
+    (decode): decode_attention.  Every LayerNorm and MLP runs through the ops too."""
+    from gpt2fast.testing.conformance import count_dispatches
+
+    _, model = pair("h3_v101")
+    L = model.config.n_layer
+    ids = random_ids(101, (2, 4))
+    model.setup_cache(2, 8)
+    runs = {
+        "forward": (lambda: model(ids), "attention"),
+        "prefill": (lambda: model.prefill(ids), "attention"),
+        "decode": (lambda: model.decode_step(ids[:, 0]), "decode_attention"),
+    }
+    for name, (run, attention_op) in runs.items():
+        with count_dispatches() as counts:
+            run()
+        expected = {("layer_norm", "reference"): 2 * L + 1, ("bias_gelu", "reference"): L}
+        expected[(attention_op, "reference")] = L
+        assert dict(counts) == expected, name
+
+
+# ---- the backend, checked against the model's shapes up front ------------------------------------------------
+
+#: Head dims 8 and 16: no built-in kernel is compiled for them.
+SMALL_HEADS = {8: dict(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2),
+               16: dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)}  # fmt: skip
+#: What each built-in named backend says about such a head dim.
+HEAD_DIM_REASONS = {
+    "triton": r"triton attention supports head dims \(32, 64, 128\); got q with D={d}",
+    "cuda": r"cuda backend: head dim D = {d} is not supported",
+}
+
+
+def _implements(backend: str) -> bool:
+    from gpt2fast import ops
+
+    return ("attention", backend) in {(r.op, r.backend) for r in ops.implementations("cpu")}
+
+
+@pytest.mark.parametrize("d", list(SMALL_HEADS))
+@pytest.mark.parametrize("backend", list(HEAD_DIM_REASONS))
+def test_named_backend_refuses_unsupported_head_dims_up_front(backend, d):
+    """Not just at the first op call: construction, random/from_hf/from_pretrained and the setter refuse."""
+    if not _implements(backend):
+        pytest.skip(f"the {backend} backend did not register its ops here")
+    from gpt2fast import GPT2Config
+
+    config = GPT2Config(**SMALL_HEADS[d])
+    match = rf"backend '{backend}' cannot run this model: " + HEAD_DIM_REASONS[backend].format(d=d)
+    with pytest.raises(ValueError, match=match):
+        GPT2(config, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        GPT2.random(config, backend=backend)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SMALL_HEADS[d])).eval()
+    with pytest.raises(ValueError, match=match):
+        GPT2.from_hf(hf, backend=backend)
+    model = GPT2.random(config, backend="reference")
+    with pytest.raises(ValueError, match=match):
+        model.backend = backend
+    assert model.backend == "reference"
+    assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"reference"}
+
+
+def test_from_pretrained_refuses_an_unsupported_backend(tmp_path):
+    if not _implements("triton"):
+        pytest.skip("the triton backend did not register its ops here")
+    from gpt2fast import GPT2Config
+
+    GPT2.random(GPT2Config(**SMALL_HEADS[8])).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this model: triton attention"):
+        GPT2.from_pretrained(tmp_path, backend="triton", quiet=True)
+
+
+@pytest.mark.parametrize("d", list(SMALL_HEADS))
+def test_auto_backend_runs_small_head_dims(d):
+    """ "auto" never refuses: each op falls through per call (to reference for head dim 8/16)."""
+    from gpt2fast import GPT2Config
+
+    config = GPT2Config(**SMALL_HEADS[d])
+    auto = GPT2.random(config, seed=2, backend="auto")
+    ref = GPT2.random(config, seed=2, backend="reference")
+    ids = random_ids(64, (2, 5))
+    assert torch.equal(auto.generate(ids, max_new_tokens=4), ref.generate(ids, max_new_tokens=4))
+    auto.backend = None
+    assert auto.backend is None
+
+
+def test_unknown_or_mistyped_backend_is_refused():
+    from gpt2fast import GPT2Config
+
+    config = GPT2Config(**TINY_CONFIGS["h1_v64"])
+    with pytest.raises(ValueError, match=r"unknown backend 'fastest'; choose one of \("):
+        GPT2(config, backend="fastest")
+    with pytest.raises(TypeError, match="backend must be a str or None, got 3"):
+        GPT2(config, backend=3)

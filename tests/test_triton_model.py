@@ -12,6 +12,7 @@ import torch
 from gpt2fast import GPT2, ops
 from gpt2fast.config import GPT2Config
 from gpt2fast.testing import assert_fa_close
+from gpt2fast.testing.conformance import count_dispatches
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STATUS = ops.backend_status("triton", DEVICE)
@@ -86,6 +87,23 @@ def test_generate_matches_reference():
     out_r = ref.generate(prompt, max_new_tokens=6)
     out_t = tri.generate(prompt, max_new_tokens=6)
     assert torch.equal(out_t, out_r)
+
+
+def test_backend_setter_moves_every_op_to_the_new_backend():
+    """``model.backend = name`` reaches every op module: each call of a forward then runs on ``name``."""
+    ref, _ = models(torch.float32)
+    x = ids(1, 4)
+    L = TINY["n_layer"]
+    per_op = {"layer_norm": 2 * L + 1, "bias_gelu": L, "attention": L}
+    with torch.no_grad(), count_dispatches() as counts:
+        expected = ref(x)
+    assert dict(counts) == {(op, "reference"): n for op, n in per_op.items()}
+    ref.backend = "triton"
+    with torch.no_grad(), count_dispatches() as counts:
+        got = ref(x)
+    assert dict(counts) == {(op, "triton"): n for op, n in per_op.items()}
+    assert ref.backend == "triton"
+    assert_fa_close(got, expected)
 
 
 @pytest.mark.gpu
