@@ -7,16 +7,27 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
 from gpt2fast.config import SIZES
 from gpt2fast.parity import DTYPES, dtype_name
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gpt2fast.model import GPT2
+    from gpt2fast.tokenizer import Tokenizer
+
+#: What ``ArgumentParser.add_subparsers()`` returns: each command module adds its parser to it.
+Subparsers = argparse._SubParsersAction
+
 __all__ = [
     "DTYPES",
     "SIZES",
     "Parser",
+    "Subparsers",
     "UsageError",
     "add_model_args",
     "backend_summary",
@@ -40,12 +51,12 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors raise :class:`UsageError` instead of printing usage and exiting."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         """Raise :class:`UsageError` with argparse's message (its subparsers are of this class too)."""
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def consoles():
+def consoles() -> tuple[Console, Console]:
     """Rich consoles for stdout (results) and stderr (progress, messages)."""
     from rich.console import Console
 
@@ -53,7 +64,7 @@ def consoles():
 
 
 @contextlib.contextmanager
-def spinner(console, message: str) -> Iterator[None]:
+def spinner(console: Console, message: str) -> Iterator[None]:
     """A spinner while something takes seconds (drawn only on a terminal)."""
     with console.status(message, spinner="dots"):
         yield
@@ -140,7 +151,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
 
 
-def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, console):
+def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, console: Console) -> GPT2:
     """The model of ``--model DIR`` or ``--random SIZE``, with a spinner while it loads."""
     from gpt2fast.config import GPT2Config
     from gpt2fast.model import GPT2
@@ -157,7 +168,7 @@ def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         return GPT2.random(config, seed=args.init_seed, dtype=dtype, device=device, backend=backend)
 
 
-def load_tokenizer(args: argparse.Namespace):
+def load_tokenizer(args: argparse.Namespace) -> Tokenizer:
     """``--tokenizer`` (a directory or a ``.tiktoken`` file), else the checkpoint's own, else GPT-2's."""
     from gpt2fast.tokenizer import Tokenizer
 

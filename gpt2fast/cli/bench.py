@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from gpt2fast.cli._common import DTYPES as _SHORT_DTYPES
-from gpt2fast.cli._common import UsageError, resolve_device
+from gpt2fast.cli._common import Subparsers, UsageError, resolve_device
 
 #: ``--dtype`` names: the short ones of every command, and torch's own.
 DTYPES = {**_SHORT_DTYPES, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,7 +51,7 @@ def _bench(module: str) -> ModuleType:
         raise UsageError(f"bench is unavailable: cannot import {name} ({type(exc).__name__}: {exc})") from None
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: Subparsers) -> None:
     """Add ``bench`` with its ``kernels`` and ``e2e`` subcommands to the ``gpt2fast`` subparsers."""
     bench = subparsers.add_parser("bench", help="kernel and end-to-end benchmarks (JSON, plots, tables)")
     sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
@@ -121,7 +121,7 @@ def selected_ops(requested: tuple[str, ...] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(requested)) if requested else tuple(names)
 
 
-def run_kernels(args) -> int:
+def run_kernels(args: argparse.Namespace) -> int:
     """Handler of ``bench kernels``: run the sweep, write JSON/plots/markdown, print a table."""
     kernels, results = _bench("kernels"), _bench("results")
     device = resolve_device(args.device)
@@ -157,7 +157,7 @@ def _exit_code(doc: dict) -> int:
     return 1 if wrong or not ran else 0
 
 
-def run_e2e(args) -> int:
+def run_e2e(args: argparse.Namespace) -> int:
     """Handler of ``bench e2e``: run generation benchmarks, write JSON/markdown, print a table."""
     from gpt2fast.config import GPT2Config
 

@@ -9,6 +9,7 @@ import torch
 
 from gpt2fast.cli._common import (
     DTYPES,
+    Subparsers,
     UsageError,
     add_model_args,
     backend_summary,
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     """Add ``generate`` to the ``gpt2fast`` subparsers."""
     p = sub.add_parser("generate", help="continue a prompt, streaming the text", description=run.__doc__)
     add_model_args(p, required=True)

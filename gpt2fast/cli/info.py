@@ -12,7 +12,7 @@ import subprocess
 
 import torch
 
-from gpt2fast.cli._common import consoles, resolve_device
+from gpt2fast.cli._common import Subparsers, consoles, resolve_device
 
 
 def _version(module: str) -> str:
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     """Add ``info`` to the ``gpt2fast`` subparsers."""
     p = sub.add_parser("info", help="versions, devices and backend availability", description=run.__doc__)
     p.set_defaults(func=run)

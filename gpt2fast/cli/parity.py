@@ -15,6 +15,7 @@ import torch
 
 from gpt2fast.cli._common import (
     DTYPES,
+    Subparsers,
     UsageError,
     add_model_args,
     check_backend,
@@ -193,7 +194,7 @@ def _run_model(args, config, dnames, backends, device, n_decode, err) -> list[Pa
             return run_parity(ckpt, ids, dnames, backends, device, n_decode, lambda: bar.advance(task))
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     """Add ``parity`` to the ``gpt2fast`` subparsers."""
     p = sub.add_parser("parity", help="check every op against its reference, and a model against transformers",
                        description=run.__doc__)  # fmt: skip
