@@ -1,10 +1,21 @@
-"""GPT-2 hyperparameters: the four published sizes, or a transformers ``config.json``."""
+"""GPT-2 hyperparameters: the published sizes, ``tiny`` (tests, CPU runs), or a transformers ``config.json``."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+#: Every named size of :meth:`GPT2Config.from_name`: ``tiny`` (2 layers, width 64, GPT-2's full vocab so the real
+#: tokenizer's ids fit, 128 positions: the one small model of the CLI, the benchmarks and the tests), then the four
+#: published GPT-2 sizes.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=128),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
 
 
 @dataclass
@@ -41,16 +52,10 @@ class GPT2Config:
 
     @classmethod
     def from_name(cls, name: str) -> GPT2Config:
-        """One of the published sizes: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"."""
-        sizes = {
-            "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-            "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-            "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-            "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-        }
-        if name not in sizes:
-            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {sorted(sizes)}")
-        return cls(**sizes[name])
+        """A named size (:data:`SIZES`): "tiny", or a published one: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"."""
+        if name not in SIZES:
+            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {sorted(SIZES)}")
+        return cls(**SIZES[name])
 
     @classmethod
     def from_hf(cls, hf_config) -> GPT2Config:

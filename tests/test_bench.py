@@ -6,50 +6,73 @@ and that a wrong or failing provider is visible in the results.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from gpt2fast import GPT2
-from gpt2fast.bench import e2e, kernels, report, roofline, timing
-from gpt2fast.bench.cli import add_bench_parser
+from gpt2fast import GPT2, GPT2Config, cli, ops
+from gpt2fast.bench import kernels, report, roofline, timing
 from gpt2fast.bench.results import load_json, new_document, run_metadata, validate
 from gpt2fast.bench.timing import rotating_copies, summarize
 from gpt2fast.ops import reference
+from gpt2fast.ops._spec import BenchCase
+from gpt2fast.ops.specs.decode_attention import seqlens_of
 
 CPU = torch.device("cpu")
+TINY = GPT2Config.from_name("tiny")
+BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention")
 
 
-def _parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers(dest="cmd"))
-    return parser.parse_args(["bench", *argv])
+def bench(*argv: str) -> int:
+    """``gpt2fast bench ARGV...`` in-process; returns its exit status."""
+    return cli.main(["bench", *argv])
 
 
 # ---- counting ----------------------------------------------------------------------------
+def _traffic(op: str, shape: dict, dtype: torch.dtype):
+    return ops.get_spec(op).traffic(shape, dtype)
+
+
 def test_byte_and_flop_counts_match_hand_computation():
     # LayerNorm 3x5 fp16 with residual: x, residual, y, h (4 * 15 elements) + weight, bias (2 * 5), 2 bytes each.
-    assert roofline.layer_norm_bytes(3, 5, torch.float16, residual=True) == 2 * (60 + 10)
-    assert roofline.layer_norm_bytes(3, 5, torch.float16, residual=False) == 2 * (30 + 10)
+    assert _traffic("layer_norm", dict(rows=3, n=5, residual=True), torch.float16).bytes == 2 * (60 + 10)
+    assert _traffic("layer_norm", dict(rows=3, n=5, residual=False), torch.float16).bytes == 2 * (30 + 10)
+    assert _traffic("layer_norm", dict(rows=(3, 2), n=5, residual=False), torch.float16).bytes == 2 * (60 + 10)
+    assert _traffic("layer_norm", dict(rows=3, n=5, residual=False), torch.float16).flops is None
     # bias+GELU 3x5 fp32: x, y (30) + bias (5), 4 bytes each.
-    assert roofline.bias_gelu_bytes(3, 5, torch.float32) == 4 * 35
-    # Attention B=1, H=2, T=4, D=8: q, k, v, o = 4 * 64 elements; FLOPs 4*B*H*T*T*D = 1024, causal half.
-    assert roofline.attention_bytes(1, 2, 4, 8, torch.bfloat16) == 2 * 4 * 64
-    assert roofline.attention_flops(1, 2, 4, 8, causal=False) == 1024
-    assert roofline.attention_flops(1, 2, 4, 8, causal=True) == 512
+    assert _traffic("bias_gelu", dict(rows=3, n=5), torch.float32).bytes == 4 * 35
+    # Attention B=1, H=2, T=4, D=8: q, k, v, o = 4 * 64 elements; FLOPs 4*B*H*T*T*D = 1024, causal (default) half.
+    attn = dict(batch=1, heads=2, seq=4, head_dim=8)
+    assert _traffic("attention", attn, torch.bfloat16).bytes == 2 * 4 * 64
+    assert _traffic("attention", attn | {"causal": False}, torch.bfloat16).flops == 1024
+    assert _traffic("attention", attn, torch.bfloat16).flops == 512
     # Decode H=2, D=4, lengths [3, 0], fp16: K+V of 3 positions (2*2*4*3 = 48 elements), q and out (2 x 16),
     # k_new/v_new read and written (4 x 16) -> (48 + 32 + 64) elements.
-    assert roofline.decode_kv_bytes(2, 4, [3, 0], torch.float16) == 2 * 48
-    assert roofline.decode_attention_bytes(2, 4, [3, 0], torch.float16, append=False) == 2 * (48 + 32)
-    assert roofline.decode_attention_bytes(2, 4, [3, 0], torch.float16, append=True) == 2 * (48 + 32 + 64)
-    # attended positions (3 + 1) + (0 + 1) = 5, 4 * H * D FLOPs each.
-    assert roofline.decode_attention_flops(2, 4, [3, 0], append=True) == 4 * 2 * 4 * 5
+    dec = dict(batch=2, heads=2, head_dim=4, t_max=8, seqlens=(3, 0))
+    plain = _traffic("decode_attention", dec | {"append": False}, torch.float16)
+    appending = _traffic("decode_attention", dec | {"append": True}, torch.float16)
+    assert plain.extra["kv_bytes"] == appending.extra["kv_bytes"] == 2 * 48
+    assert plain.bytes == 2 * (48 + 32)
+    assert appending.bytes == 2 * (48 + 32 + 64)
+    # attended positions (3 + 1) + (0 + 1) = 5 when appending, 3 + 0 otherwise; 4 * H * D FLOPs each.
+    assert appending.flops == 4 * 2 * 4 * 5
+    assert plain.flops == 4 * 2 * 4 * 3
+
+
+def test_compute_bound_ops_are_read_in_tflops():
+    # Prefill attention does T / (2 * itemsize) FLOPs per byte: TFLOP/s from T = 64 in fp32 (the CPU sweep's).
+    attn = [dict(flops=_traffic("attention", dict(batch=1, heads=2, seq=t, head_dim=64), torch.float32).flops,
+                 bytes=_traffic("attention", dict(batch=1, heads=2, seq=t, head_dim=64), torch.float32).bytes)
+            for t in (1, 17, 64)]  # fmt: skip
+    assert roofline.compute_bound(attn) and not roofline.compute_bound(attn[:2])
+    dec = _traffic("decode_attention", dict(batch=8, heads=12, head_dim=64, cache_len=8192), torch.float16)
+    assert not roofline.compute_bound([dict(flops=dec.flops, bytes=dec.bytes)])  # ~1 FLOP per byte
+    assert not roofline.compute_bound([dict(flops=None, bytes=100), dict(flops=10.0, bytes=0)])
 
 
 def test_decode_weight_bytes_equal_the_model_parameters():
-    cfg = e2e.TINY
+    cfg = TINY
     model = GPT2(cfg)
     params = sum(p.numel() for p in model.parameters())
     batch = 3  # wpe: only one row per sequence is read
@@ -60,23 +83,25 @@ def test_decode_weight_bytes_equal_the_model_parameters():
 
 
 def test_traffic_of_a_ragged_decode_case_uses_its_lengths():
-    case = kernels.Case(
-        "decode_attention", {"batch": 5, "heads": 2, "cache_len": 40, "head_dim": 64, "ragged": True}, "batch", "g"
-    )
-    lens = kernels.decode_seqlens(case)
+    shape = {"batch": 5, "heads": 2, "cache_len": 40, "head_dim": 64, "ragged": True}
+    case = BenchCase("decode_attention", shape, "batch", "g")
+    lens = seqlens_of(shape)
     assert len(lens) == 5 and all(0 <= n < 40 for n in lens) and len(set(lens)) > 1
-    nbytes, _, extra = kernels.traffic(case, torch.float16)
-    assert extra["kv_bytes"] == 2 * 2 * 64 * sum(lens) * 2
-    assert nbytes == roofline.decode_attention_bytes(2, 64, lens, torch.float16, append=True)
+    cost = kernels.traffic(case, torch.float16)
+    assert cost.extra["kv_bytes"] == 2 * 2 * 64 * sum(lens) * 2
+    # q, out (2 x 5*2*64) and k_new/v_new read and written (4 x 5*2*64) besides the cached K/V.
+    assert cost.bytes == cost.extra["kv_bytes"] + 6 * 5 * 2 * 64 * 2
     inp = kernels.make_inputs(case, torch.float16, CPU)
     assert inp["cache_seqlens"].tolist() == lens and inp["k_cache"].shape == (5, 2, 41, 64)
 
 
 def test_sweeps():
     quick = kernels.cases("quick")
-    flags = [kernels.is_target(c) for c in quick]
+    flags = [c.target for c in quick]
     assert any(flags) and flags == sorted(flags, reverse=True)  # target cases first
-    assert {c.op for c in quick if kernels.is_target(c)} == set(kernels.OPS)
+    assert {c.op for c in quick if c.target} == set(BUILTIN_OPS)
+    assert {c.op for c in kernels.cases("cpu")} == {s.name for s in ops.specs()}
+    assert {c.op for c in kernels.cases("cpu", ["attention"])} == {"attention"}
     full = kernels.cases("full")
     assert {c.shape["n"] for c in full if c.op == "bias_gelu"} == {3072, 4096, 5120, 6400}
     assert max(c.shape["rows"] for c in full if c.op == "layer_norm") == 65536
@@ -143,11 +168,11 @@ def test_call_bench_without_quantiles_reports_the_median():
 @pytest.fixture(scope="module")
 def kernels_doc(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "k.json"
-    args = _parse(
-        "kernels", "--device", "cpu", "--op", "layer_norm,bias_gelu,attention,decode_attention",
+    code = bench(
+        "kernels", "--device", "cpu", "--op", ",".join(BUILTIN_OPS),
         "--provider", "gpt2fast:reference,torch,torch.sdpa", "--json", str(path),
     )  # fmt: skip
-    assert args.func(args) == 0
+    assert code == 0
     return load_json(path)
 
 
@@ -157,27 +182,33 @@ def test_kernels_json_is_schema_valid_and_figures_follow_the_counts(kernels_doc)
     peaks = kernels_doc["peaks"]
     assert peaks["copy_gbps"] > 0 and peaks["matmul_tflops"] > 0
     recs = kernels_doc["records"]
-    expected = {(c.op, str(c.shape)) for c in kernels.cases("cpu")}
+    expected = {(c.op, str(c.shape)) for c in kernels.cases("cpu", BUILTIN_OPS)}
     assert {(r["op"], str(r["shape"])) for r in recs} == expected
     assert {r["provider"] for r in recs} == {"gpt2fast:reference", "torch", "torch.sdpa"}
     for r in recs:
         assert r["error"] is None, r
         assert r["check"]["ok"], r
-        case = kernels.Case(r["op"], r["shape"], r["sweep"], r["group"])
-        assert r["bytes"] == kernels.traffic(case, torch.float32)[0]
+        cost = kernels.traffic(BenchCase(r["op"], r["shape"], r["sweep"], r["group"]), torch.float32)
+        assert (r["bytes"], r["flops"]) == (cost.bytes, cost.flops)
         sec = r["time"]["median_ms"] * 1e-3
         assert r["gbps"] == pytest.approx(r["bytes"] / sec / 1e9)
         assert r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / peaks["copy_gbps"])
-        if r["op"] == "attention":
+        if r["flops"]:
             assert r["tflops"] == pytest.approx(r["flops"] / sec / 1e12)
+            assert r["pct_matmul_peak"] == pytest.approx(100 * r["tflops"] / peaks["matmul_tflops"])
+        if r["op"] == "decode_attention":  # the spec's extra kv_bytes get their own GB/s and % of copy bandwidth
+            assert r["kv_bytes"] == cost.extra["kv_bytes"]
+            assert r["kv_gbps"] == pytest.approx(r["kv_bytes"] / sec / 1e9)
+            assert r["pct_copy_bw_kv"] == pytest.approx(100 * r["kv_gbps"] / peaks["copy_gbps"])
+    assert any(r["op"] == "attention" and r["tflops"] for r in recs)
     own = [r for r in recs if r["provider"] == "gpt2fast:reference"]
     assert all(
         set(r["speedup"]) == ({"torch"} if r["op"] in ("layer_norm", "bias_gelu") else {"torch.sdpa"}) for r in own
     )
 
 
-def _bias_gelu_case() -> kernels.Case:
-    return kernels.Case("bias_gelu", {"rows": 5, "n": 24}, "rows", "N=24")
+def _bias_gelu_case() -> BenchCase:
+    return BenchCase("bias_gelu", {"rows": 5, "n": 24}, "rows", "N=24")
 
 
 def test_wrong_and_failing_providers_are_recorded():
@@ -187,7 +218,8 @@ def test_wrong_and_failing_providers_are_recorded():
     def boom(inp):
         raise RuntimeError("kernel exploded")
 
-    provs = {"right": kernels._own("bias_gelu", "reference"), "wrong": wrong, "boom": boom, "missing": "unavailable: x"}
+    right = kernels._own(ops.get_spec("bias_gelu"), "reference")
+    provs = {"right": right, "wrong": wrong, "boom": boom, "missing": "unavailable: x"}
     opts = kernels.Options(log=lambda _: None)
     recs = {r["provider"]: r for r in kernels.run_case(_bias_gelu_case(), torch.float32, CPU, opts, None, provs)}
     assert recs["right"]["check"]["ok"] and recs["right"]["error"] is None
@@ -201,6 +233,35 @@ def test_wrong_and_failing_providers_are_recorded():
     assert "**WRONG**" in md and "kernel exploded" in md and "| right | wrong | boom | missing |" in md
 
 
+@pytest.fixture
+def declining_backend():
+    """A backend implementing only bias_gelu, declining rows of 24 through its ``supports`` (below reference)."""
+    ops.register_backend("declining", priority=-5, is_available=lambda device: None)
+
+    def supports(x, bias):
+        return "rows of 24 are too narrow" if x.shape[-1] == 24 else None
+
+    ops.register_impl("bias_gelu", "declining", supports=supports)(lambda x, bias: reference.bias_gelu(x, bias))
+    yield "declining"
+    ops.unregister_backend("declining")
+
+
+def test_every_implementing_backend_is_a_provider_and_a_declined_case_is_skipped(declining_backend):
+    provs = kernels.providers("bias_gelu", CPU, compile_baseline=False)
+    assert [p for p in provs if p.startswith(kernels.OWN)][-2:] == ["gpt2fast:reference", "gpt2fast:declining"]
+    assert provs["torch.compile"].startswith("skipped:")
+    assert "gpt2fast:declining" not in kernels.providers("layer_norm", CPU, compile_baseline=False)
+    opts = kernels.Options(providers=("gpt2fast:declining", "gpt2fast:reference"), log=lambda _: None)
+    recs = {r["provider"]: r for r in kernels.run_case(_bias_gelu_case(), torch.float32, CPU, opts, None, provs)}
+    declined = recs["gpt2fast:declining"]
+    assert declined["error"] == "skipped: declining does not support this input: rows of 24 are too narrow"
+    assert declined["time"] is None and declined["check"] is None
+    assert recs["gpt2fast:reference"]["check"]["ok"] and recs["gpt2fast:reference"]["speedup"] == {}
+    wide = BenchCase("bias_gelu", {"rows": 5, "n": 32}, "rows", "N=32")
+    ran = kernels.run_case(wide, torch.float32, CPU, opts, None, provs)
+    assert all(r["error"] is None and r["check"]["ok"] for r in ran)
+
+
 def test_kernels_cli_returns_1_on_a_wrong_result(monkeypatch, tmp_path):
     real = kernels.providers
 
@@ -210,9 +271,9 @@ def test_kernels_cli_returns_1_on_a_wrong_result(monkeypatch, tmp_path):
         return out
 
     monkeypatch.setattr(kernels, "providers", with_wrong)
-    args = _parse("kernels", "--device", "cpu", "--op", "bias_gelu", "--provider", "gpt2fast:reference,wrong",
-                  "--json", str(tmp_path / "k.json"), "--plots", str(tmp_path / "plots"))  # fmt: skip
-    assert args.func(args) == 1
+    code = bench("kernels", "--device", "cpu", "--op", "bias_gelu", "--provider", "gpt2fast:reference,wrong",
+                 "--json", str(tmp_path / "k.json"), "--plots", str(tmp_path / "plots"))  # fmt: skip
+    assert code == 1
     doc = load_json(tmp_path / "k.json")
     assert {r["provider"] for r in doc["records"] if not r["check"]["ok"]} == {"wrong"}
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
@@ -224,7 +285,7 @@ def test_report_markdown_from_json(kernels_doc, tmp_path, capsys):
     path.write_text(json.dumps(kernels_doc))
     assert report.main([str(path)]) == 0
     md = capsys.readouterr().out
-    for op in kernels.OPS:
+    for op in BUILTIN_OPS:
         assert f"### {op}" in md
     assert "| shape | dtype | gpt2fast:reference |" in md
     assert "Measured peaks: copy" in md
@@ -251,9 +312,9 @@ def test_validate_names_the_broken_field(kernels_doc):
 # ---- e2e ---------------------------------------------------------------------------------
 def test_e2e_on_a_tiny_config(tmp_path):
     path = tmp_path / "e.json"
-    args = _parse("e2e", "--device", "cpu", "--size", "tiny", "--batch", "1,2", "--prompt", "4", "--new", "8",
-                  "--reps", "2", "--provider", "transformers,gpt2fast:reference", "--json", str(path))  # fmt: skip
-    assert args.func(args) == 0
+    code = bench("e2e", "--device", "cpu", "--size", "tiny", "--batch", "1,2", "--prompt", "4", "--new", "8",
+                 "--reps", "2", "--provider", "transformers,gpt2fast:reference", "--json", str(path))  # fmt: skip
+    assert code == 0
     doc = load_json(path)
     recs = doc["records"]
     assert [(r["batch"], r["provider"]) for r in recs] == [
@@ -263,8 +324,8 @@ def test_e2e_on_a_tiny_config(tmp_path):
         assert r["error"] is None, r
         assert r["prefill_ms"] > 0
         assert r["e2e_tokens_per_s"] == pytest.approx(r["batch"] * 8 * 1e3 / r["time_total"]["median_ms"])
-        step = roofline.weight_bytes_per_decode_step(e2e.TINY, r["batch"], torch.float32)
-        step += roofline.kv_bytes_per_decode_step(e2e.TINY, r["batch"], 4 + 3.5, torch.float32)
+        step = roofline.weight_bytes_per_decode_step(TINY, r["batch"], torch.float32)
+        step += roofline.kv_bytes_per_decode_step(TINY, r["batch"], 4 + 3.5, torch.float32)
         assert r["step_bytes"] == pytest.approx(step)
         if r["decode_ms_per_token"] is None:  # a busy CPU's noise can exceed a tiny model's decode time
             assert "not resolved" in r["note"] and r["roofline_fraction"] is None
@@ -283,19 +344,17 @@ def test_e2e_on_a_tiny_config(tmp_path):
 
 # ---- CLI return codes ----------------------------------------------------------------------
 def test_cli_bad_arguments_return_2(capsys):
-    args = _parse("kernels", "--device", "cpu", "--op", "softmax")
-    assert args.func(args) == 2
+    assert bench("kernels", "--device", "cpu", "--op", "softmax") == 2
     assert "--op: unknown ['softmax']" in capsys.readouterr().err
-    args = _parse("e2e", "--device", "cpu", "--size", "tiny", "--prompt", "250", "--new", "10")
-    assert args.func(args) == 2
-    assert "exceeds tiny's n_positions=256" in capsys.readouterr().err
-    args = _parse("e2e", "--device", "cpu", "--size", "gpt5")
-    assert args.func(args) == 2
-    args = _parse("e2e", "--device", "cpu", "--size", "tiny", "--new", "1")
-    assert args.func(args) == 2
-    with pytest.raises(SystemExit) as exc:
-        _parse("kernels", "--dtype", "fp8")
-    assert exc.value.code == 2
+    # tiny is GPT2Config.from_name("tiny"): 128 positions.
+    assert bench("e2e", "--device", "cpu", "--size", "tiny", "--prompt", "120", "--new", "10") == 2
+    assert "exceeds tiny's n_positions=128" in capsys.readouterr().err
+    assert bench("e2e", "--device", "cpu", "--size", "gpt5") == 2
+    assert "unknown GPT-2 size 'gpt5'" in capsys.readouterr().err
+    assert bench("e2e", "--device", "cpu", "--size", "tiny", "--new", "1") == 2
+    assert "--new must be >= 2" in capsys.readouterr().err
+    assert bench("kernels", "--dtype", "fp8") == 2
+    assert "--dtype: unknown ['fp8']" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        args = _parse("kernels", "--device", "cuda")
-        assert args.func(args) == 2
+        assert bench("kernels", "--device", "cuda") == 2
+        assert "CUDA is not available" in capsys.readouterr().err

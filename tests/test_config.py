@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gpt2fast import GPT2Config
+from gpt2fast.config import SIZES
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,8 +21,17 @@ def test_published_sizes(name, layers, heads, width):
     assert c.head_dim == width // heads and c.mlp_dim == 4 * width
 
 
+def test_tiny_is_the_one_small_config():
+    c = GPT2Config.from_name("tiny")
+    # GPT-2's full vocab (the real tokenizer's ids fit), everything else minimal.
+    assert (c.vocab_size, c.n_positions, c.n_embd, c.n_layer, c.n_head) == (50257, 128, 64, 2, 2)
+    assert (c.bos_token_id, c.eos_token_id) == (50256, 50256)
+    assert list(SIZES) == ["tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+    assert GPT2Config.from_name("tiny") == c and GPT2Config.from_name("tiny") is not c  # a fresh object each call
+
+
 def test_unknown_size():
-    with pytest.raises(ValueError, match="unknown GPT-2 size 'gpt3'"):
+    with pytest.raises(ValueError, match=r"unknown GPT-2 size 'gpt3'; choose one of \['gpt2', .*'tiny'\]"):
         GPT2Config.from_name("gpt3")
 
 

@@ -24,22 +24,14 @@ from gpt2fast import GPT2, GPT2Config, ops
 from gpt2fast.bench import roofline
 from gpt2fast.bench.timing import sync, time_cpu
 
-#: A config small enough for CPU runs and tests.
-TINY = GPT2Config(vocab_size=512, n_positions=256, n_embd=64, n_layer=2, n_head=2, bos_token_id=511, eos_token_id=511)
-
 EAGER = "transformers"
-
-
-def resolve_config(size: str) -> GPT2Config:
-    """A published size name, or "tiny" (2 layers, 64 wide, for CPU runs)."""
-    return TINY if size == "tiny" else GPT2Config.from_name(size)
 
 
 @dataclass
 class Options:
     """What to run: sizes, batches, prompt/new lengths, dtype, repetitions and which providers."""
 
-    sizes: tuple[str, ...] = ("gpt2",)
+    sizes: tuple[str, ...] = ("gpt2",)  # GPT2Config.from_name names: a published size, or "tiny" (CPU runs)
     batches: tuple[int, ...] = (1, 8, 64)
     prompt: int = 128
     new: int = 128
@@ -60,7 +52,7 @@ class Options:
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"--batch values must be >= 1, got {list(self.batches)}")
         for size in self.sizes:
-            cfg = resolve_config(size)
+            cfg = GPT2Config.from_name(size)
             if self.prompt + self.new > cfg.n_positions:
                 raise ValueError(
                     f"--prompt + --new = {self.prompt + self.new} exceeds {size}'s n_positions={cfg.n_positions}"
@@ -271,7 +263,7 @@ def _plan(opts: Options, device: torch.device) -> list[tuple[str, GPT2Config, in
     """(size, config, batch, provider, factory) in run order: the slow providers last."""
     plan = []
     for size in opts.sizes:
-        config = resolve_config(size)
+        config = GPT2Config.from_name(size)
         for batch in opts.batches:
             for name, factory in providers(config, opts, device, batch):
                 if opts.providers is None or name in opts.providers:

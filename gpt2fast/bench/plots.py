@@ -1,8 +1,9 @@
 """PNG plots of a kernel results document, in the style of ``triton.testing.perf_report``.
 
 One figure per (op, dtype, group): x is the swept dimension on a log axis, one
-line per provider, y is GB/s for memory-bound ops and TFLOP/s for prefill
-attention.  A dashed line marks the measured copy bandwidth (or matmul peak).
+line per provider, y is GB/s for memory-bound ops and TFLOP/s for compute-bound ones
+(:func:`gpt2fast.bench.roofline.compute_bound`: prefill attention).  A dashed line marks
+the measured copy bandwidth (or matmul peak).
 """
 
 from __future__ import annotations
@@ -24,16 +25,21 @@ def plot_kernels(doc: dict, out_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from gpt2fast.bench.roofline import compute_bound
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     peaks = doc.get("peaks") or {}
     groups: dict[tuple[str, str, str, str], list[dict]] = defaultdict(list)
+    by_op: dict[str, list[dict]] = defaultdict(list)
     for r in doc["records"]:
+        by_op[r["op"]].append(r)
         if r["time"] is not None:
             groups[(r["op"], r["dtype"], r["group"], r["sweep"])].append(r)
+    flops_ops = {op for op, recs in by_op.items() if compute_bound(recs)}
     written = []
     for (op, dtype, group, sweep), recs in sorted(groups.items()):
-        flops = op == "attention"
+        flops = op in flops_ops
         metric, label = ("tflops", "TFLOP/s") if flops else ("gbps", "GB/s")
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         by_prov: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from gpt2fast.bench.results import load_json
+from gpt2fast.bench.roofline import compute_bound
 
 OWN = "gpt2fast:"
 
@@ -29,12 +30,13 @@ def _shape_text(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
-def _cell(rec: dict) -> str:
-    """One provider's cell: time, GB/s or TFLOP/s with % of the measured peak, and the check verdict."""
+def _cell(rec: dict, flops: bool) -> str:
+    """One provider's cell: time, TFLOP/s (``flops``: a compute-bound op) or GB/s with % of the measured peak,
+    and the check verdict."""
     if rec["error"] is not None:
         return "error" if not rec["error"].startswith(("unavailable", "skipped")) else "n/a"
     t = rec["time"]["median_ms"]
-    if rec["op"] == "attention":
+    if flops:
         fig = f"{_fmt(rec['tflops'])} TF/s ({_fmt(rec['pct_matmul_peak'])}%)"
     else:
         fig = f"{_fmt(rec['gbps'])} GB/s ({_fmt(rec['pct_copy_bw'])}%)"
@@ -51,6 +53,7 @@ def kernels_markdown(doc: dict) -> str:
         by_op[rec["op"]].append(rec)
     for op, recs in by_op.items():
         provs = list(dict.fromkeys(r["provider"] for r in recs if r["provider"] != "(case)"))
+        flops = compute_bound(recs)
         rows: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
         for r in recs:
             rows[(_shape_text(r["shape"]), r["dtype"])][r["provider"]] = r
@@ -58,7 +61,7 @@ def kernels_markdown(doc: dict) -> str:
         lines += ["", f"### {op}", "", "| shape | dtype | " + " | ".join(provs) + f" | {best_base} |"]
         lines.append("|" + "---|" * (len(provs) + 3))
         for (shape, dtype), per in rows.items():
-            cells = [_cell(per[p]) if p in per else "–" for p in provs]
+            cells = [_cell(per[p], flops) if p in per else "–" for p in provs]
             lines.append(f"| {shape} | {dtype} | " + " | ".join(cells) + f" | {_best_speedup(per)} |")
     failures = [r for r in doc["records"] if r["error"] and not r["error"].startswith(("unavailable", "skipped"))]
     wrong = [r for r in doc["records"] if r.get("check") and not r["check"]["ok"]]

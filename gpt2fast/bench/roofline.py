@@ -1,4 +1,4 @@
-"""Byte and FLOP counts of each op, and the device peaks they are measured against.
+"""Model-level byte counts, the rule that says which figure an op is read by, and the device peaks.
 
 The peaks are *measured in the same run*, never taken from a datasheet: the
 achieved bandwidth of a large device-to-device copy (bytes read + bytes written
@@ -6,13 +6,14 @@ over time) and the throughput of a large bf16 matmul.  A kernel's "% of copy
 bandwidth" is then its achieved GB/s over what ``Tensor.copy_`` gets on the same
 device at the same moment.
 
-Byte counts are the minimum traffic of an ideal kernel: every input read once,
-every output written once, nothing else (no statistics written, no re-reads).
+Each op's own byte and FLOP counts live in its spec (``spec.traffic``, see ``gpt2fast/ops/specs/``): the
+minimum traffic of an ideal kernel, every input read once, every output written once, nothing else (no
+statistics written, no re-reads).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,50 +27,18 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-# ---- per-op traffic ----------------------------------------------------------------------
-def layer_norm_bytes(rows: int, n: int, dtype: torch.dtype, residual: bool) -> int:
-    """LayerNorm over ``rows`` x ``n``: read x (and residual), weight, bias; write y (and h = x + residual)."""
-    s = itemsize(dtype)
-    tensors = 4 if residual else 2  # x, residual, y, h  |  x, y
-    return s * (tensors * rows * n + 2 * n)
+# ---- which figure an op is read by -------------------------------------------------------------------------
+#: FLOPs per byte moved at or above which an op is read in TFLOP/s rather than GB/s.  Prefill attention reaches it
+#: (T / (2 * itemsize) FLOPs per byte) in every sweep; decode attention (about 2 / itemsize) and the elementwise ops
+#: (no FLOPs counted) never do.
+COMPUTE_BOUND_FLOPS_PER_BYTE = 4.0
 
 
-def bias_gelu_bytes(rows: int, n: int, dtype: torch.dtype) -> int:
-    """gelu(x + bias) over ``rows`` x ``n``: read x and bias, write y."""
-    s = itemsize(dtype)
-    return s * (2 * rows * n + n)
-
-
-def attention_bytes(b: int, h: int, t: int, d: int, dtype: torch.dtype) -> int:
-    """Prefill attention: read q, k, v and write o, each [B, H, T, D]."""
-    return 4 * b * h * t * d * itemsize(dtype)
-
-
-def attention_flops(b: int, h: int, t: int, d: int, causal: bool) -> float:
-    """Matmul FLOPs of attention: 2·T·T·D for QKᵀ plus 2·T·T·D for PV per head; causal does half."""
-    flops = 4.0 * b * h * t * t * d
-    return flops / 2 if causal else flops
-
-
-def decode_kv_bytes(h: int, d: int, seqlens: Sequence[int], dtype: torch.dtype) -> int:
-    """Cached keys and values one decode step must read: 2·H·D per cached position."""
-    return 2 * h * d * int(sum(seqlens)) * itemsize(dtype)
-
-
-def decode_attention_bytes(h: int, d: int, seqlens: Sequence[int], dtype: torch.dtype, append: bool) -> int:
-    """One decode-attention call: read q and the cached K/V, write the output; with ``append``
-    also read k_new/v_new and write them into the cache."""
-    b = len(seqlens)
-    s = itemsize(dtype)
-    small = b * h * d * s  # one [B, H, D] tensor
-    extra = 4 * small if append else 0  # read k_new, v_new; write them into the caches
-    return decode_kv_bytes(h, d, seqlens, dtype) + 2 * small + extra
-
-
-def decode_attention_flops(h: int, d: int, seqlens: Sequence[int], append: bool) -> float:
-    """q·Kᵀ and P·V for every attended position: 4·H·D FLOPs each."""
-    extra = len(seqlens) if append else 0
-    return 4.0 * h * d * (int(sum(seqlens)) + extra)
+def compute_bound(records: Iterable[dict]) -> bool:
+    """Whether an op's records (bench ``kernels`` records of one op) are read in TFLOP/s: some record does at
+    least :data:`COMPUTE_BOUND_FLOPS_PER_BYTE` FLOPs per minimal byte.  The rest are memory-bound (GB/s)."""
+    limit = COMPUTE_BOUND_FLOPS_PER_BYTE
+    return any(r.get("flops") and r.get("bytes") and r["flops"] / r["bytes"] >= limit for r in records)
 
 
 # ---- model-level traffic -----------------------------------------------------------------

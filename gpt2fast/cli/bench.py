@@ -1,23 +1,24 @@
 """``gpt2fast bench kernels`` and ``gpt2fast bench e2e``: argument parsing and handlers.
 
-``gpt2fast/cli.py`` calls :func:`add_bench_parser` with its subparsers; every
-handler takes the parsed ``args`` and returns an exit code (0 ok, 1 a provider
-produced a wrong result or nothing ran, 2 bad arguments).
+The benchmarks themselves are the library :mod:`gpt2fast.bench`.  Every handler returns an exit code (0 ok,
+1 a provider produced a wrong result or nothing ran); bad arguments raise :class:`UsageError` (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from gpt2fast.bench import e2e, kernels
-from gpt2fast.bench.results import new_document, run_metadata, validate, write_json
+from gpt2fast.cli._common import DTYPES as _SHORT_DTYPES
+from gpt2fast.cli._common import Subparsers, UsageError, resolve_device
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPES |= {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: ``--dtype`` names: the short ones of every command, and torch's own.
+DTYPES = {**_SHORT_DTYPES, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _csv(kind: type, name: str):
@@ -41,13 +42,22 @@ def _dtype_list(text: str) -> tuple[torch.dtype, ...]:
     return tuple(DTYPES[n] for n in names)
 
 
-def add_bench_parser(subparsers) -> None:
-    """Add ``bench`` with its ``kernels`` and ``e2e`` subcommands to an argparse ``subparsers`` object."""
+def _bench(module: str) -> ModuleType:
+    """``gpt2fast.bench.<module>``, or a clear error when the benchmark library cannot be imported here."""
+    name = f"gpt2fast.bench.{module}"
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # a missing module or a missing optional dependency
+        raise UsageError(f"bench is unavailable: cannot import {name} ({type(exc).__name__}: {exc})") from None
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    """Add ``bench`` with its ``kernels`` and ``e2e`` subcommands to the ``gpt2fast`` subparsers."""
     bench = subparsers.add_parser("bench", help="kernel and end-to-end benchmarks (JSON, plots, tables)")
     sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
 
     k = sub.add_parser("kernels", help="time every op on every backend against torch / torch.compile / SDPA")
-    k.add_argument("--op", type=_csv(str, "--op"), default=kernels.OPS, help=f"ops (default all: {kernels.OPS})")
+    k.add_argument("--op", type=_csv(str, "--op"), default=None, help="registered ops, comma-separated (default all)")
     k.add_argument("--dtype", type=_dtype_list, default=None, help="fp16,bf16,fp32 (default: fp16; fp32 on CPU)")
     k.add_argument("--quick", action="store_true", help="the short sweep (and shorter timing)")
     k.add_argument("--sweep", choices=["full", "quick", "cpu"], help="override the sweep (default by device)")
@@ -78,70 +88,60 @@ def add_bench_parser(subparsers) -> None:
     e.set_defaults(func=run_e2e)
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device must be cuda or cpu, got {name!r}")
-    return dev
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
 def _finish(doc: dict, args) -> None:
-    validate(doc)
+    results = _bench("results")
+    results.validate(doc)
     if args.json:
-        write_json(doc, args.json)
+        results.write_json(doc, args.json)
     if getattr(args, "markdown", None):
-        from gpt2fast.bench.report import markdown
-
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(doc))
+        args.markdown.write_text(_bench("report").markdown(doc))
 
 
 def _peaks(device: torch.device, quick: bool) -> dict | None:
-    from gpt2fast.bench.roofline import measure_peaks
-
     try:
-        return measure_peaks(device, quick).as_dict()
+        return _bench("roofline").measure_peaks(device, quick).as_dict()
     except Exception as exc:
         _log(f"warning: measuring the device peaks failed ({type(exc).__name__}: {exc}); no % of peak figures")
         return None
 
 
-def run_kernels(args) -> int:
+def selected_ops(requested: tuple[str, ...] | None) -> tuple[str, ...]:
+    """``--op`` (each a registered op, checked against the registry now), or every registered op."""
+    from gpt2fast.ops import specs
+
+    names = [s.name for s in specs()]
+    bad = [o for o in requested or () if o not in names]
+    if bad:
+        raise UsageError(f"--op: unknown {bad}; choose from {tuple(names)}")
+    return tuple(dict.fromkeys(requested)) if requested else tuple(names)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
     """Handler of ``bench kernels``: run the sweep, write JSON/plots/markdown, print a table."""
-    try:
-        device = _device(args.device)
-        bad = [o for o in args.op if o not in kernels.OPS]
-        if bad:
-            raise ValueError(f"--op: unknown {bad}; choose from {kernels.OPS}")
-    except ValueError as exc:
-        _log(f"error: {exc}")
-        return 2
+    kernels, results = _bench("kernels"), _bench("results")
+    device = resolve_device(args.device)
+    op_names = selected_ops(args.op)
     cpu = device.type != "cuda"
     sweep = args.sweep or ("cpu" if cpu else "quick" if args.quick else "full")
     dtypes = args.dtype or ((torch.float32,) if cpu else (torch.float16,))
     compile_baseline = (not cpu) if args.compile is None else args.compile
-    opts = kernels.Options(tuple(args.op), dtypes, sweep, compile_baseline, args.quick or cpu, args.provider, log=_log)
+    opts = kernels.Options(op_names, dtypes, sweep, compile_baseline, args.quick or cpu, args.provider, log=_log)
     peaks = _peaks(device, opts.quick_timing)
-    doc = new_document("kernels", run_metadata(device), peaks)
+    doc = results.new_document("kernels", results.run_metadata(device), peaks)
     doc["meta"]["sweep"] = sweep
     for rec in kernels.iter_records(device, opts, peaks):
         doc["records"].append(rec)
         if args.json:  # keep a valid file on disk as the run goes (a time-boxed run keeps what it measured)
-            write_json(doc, args.json)
+            results.write_json(doc, args.json)
     _finish(doc, args)
     if args.plots:
-        from gpt2fast.bench.plots import plot_kernels
-
         try:
-            plot_kernels(doc, args.plots)
+            _bench("plots").plot_kernels(doc, args.plots)
         except Exception as exc:
             _log(f"warning: plotting failed: {type(exc).__name__}: {exc}")
     _print_table(doc)
@@ -157,37 +157,36 @@ def _exit_code(doc: dict) -> int:
     return 1 if wrong or not ran else 0
 
 
-def run_e2e(args) -> int:
+def run_e2e(args: argparse.Namespace) -> int:
     """Handler of ``bench e2e``: run generation benchmarks, write JSON/markdown, print a table."""
-    try:
-        device = _device(args.device)
-        cpu = device.type != "cuda"
-        sizes = args.size or (("tiny",) if cpu else ("gpt2",))
-        for s in sizes:
-            e2e.resolve_config(s)
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if cpu else torch.float16)
-        opts = e2e.Options(
-            sizes=tuple(sizes),
-            batches=args.batch or ((1, 2) if cpu else (1, 8, 64)),
-            prompt=args.prompt or (16 if cpu else 128),
-            new=args.new or (8 if cpu else 128),
-            dtype=dtype,
-            reps=max(1, args.reps),
-            hf_compile=args.hf_compile,
-            hf_compile_batches=args.hf_compile_batches,
-            providers=args.provider,
-            log=_log,
-        )
-        opts.validate()
-    except ValueError as exc:
-        _log(f"error: {exc}")
-        return 2
+    from gpt2fast.config import GPT2Config
+
+    e2e, results = _bench("e2e"), _bench("results")
+    device = resolve_device(args.device)
+    cpu = device.type != "cuda"
+    sizes = args.size or (("tiny",) if cpu else ("gpt2",))
+    for s in sizes:
+        GPT2Config.from_name(s)  # ValueError naming the unknown size
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if cpu else torch.float16)
+    opts = e2e.Options(
+        sizes=tuple(sizes),
+        batches=args.batch or ((1, 2) if cpu else (1, 8, 64)),
+        prompt=args.prompt or (16 if cpu else 128),
+        new=args.new or (8 if cpu else 128),
+        dtype=dtype,
+        reps=max(1, args.reps),
+        hf_compile=args.hf_compile,
+        hf_compile_batches=args.hf_compile_batches,
+        providers=args.provider,
+        log=_log,
+    )
+    opts.validate()
     peaks = _peaks(device, quick=True)
-    doc = new_document("e2e", run_metadata(device), peaks)
+    doc = results.new_document("e2e", results.run_metadata(device), peaks)
     for rec in e2e.iter_records(device, opts, peaks):
         doc["records"].append(rec)
         if args.json:
-            write_json(doc, args.json)
+            results.write_json(doc, args.json)
     _finish(doc, args)
     _print_table(doc)
     return 0 if any(r["error"] is None for r in doc["records"]) else 1
@@ -212,6 +211,7 @@ def _print_table(doc: dict) -> None:
             vals = [r["time"]["median_ms"], r["gbps"], r["tflops"], r["pct_copy_bw"]]
             table.add_row(r["op"], shape, r["dtype"], r["provider"], *(_num(v) for v in vals), check)
     else:
+        eager = _bench("e2e").EAGER
         cols = ["size", "batch", "provider", "prefill ms", "decode ms/tok", "tok/s", "roofline", "launches", "vs HF"]
         for c in cols:
             table.add_column(c)
@@ -220,7 +220,7 @@ def _print_table(doc: dict) -> None:
                 table.add_row(r["size"], str(r["batch"]), r["provider"], r["error"][:60], "", "", "", "", "")
                 continue
             roof = r["roofline_fraction"]
-            sp = r["speedup"].get(e2e.EAGER + " decode")
+            sp = r["speedup"].get(eager + " decode")
             table.add_row(
                 r["size"],
                 str(r["batch"]),
