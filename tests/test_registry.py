@@ -338,3 +338,20 @@ def test_the_conformance_checks_fail_a_wrong_implementation(clean):
         cf.check_parity(spec, TOY, inputs)
     with pytest.raises(AssertionError, match="FAIL"):
         cf.check_parity(spec, "auto", inputs)  # auto picks the higher-priority toy backend
+
+
+def test_a_call_needing_gradients_runs_only_differentiable_implementations(clean):
+    calls = Counter()
+    toy_backend(calls)  # registered without differentiable=True
+    x = rn(3, 32).requires_grad_()
+    w, b = rn(32), rn(32)
+    with cf.count_dispatches() as went:
+        y = ops.layer_norm(x, w, b)  # auto: skips the toy backend, the reference differentiates
+    assert went == {("layer_norm", "reference"): 1} and calls["layer_norm"] == 0
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with pytest.raises(ops.UnsupportedInputError, match=r"backend 'toy' has no backward for 'layer_norm'"):
+        ops.layer_norm(x, w, b, backend=TOY)
+    with torch.no_grad():
+        ops.layer_norm(x, w, b)
+    assert calls["layer_norm"] == 1  # no gradient needed: the toy backend runs again

@@ -11,7 +11,8 @@ Three tables, filled at import time and read on every op call:
   to import registers itself as unavailable with the reason.
 * **implementations**: :func:`register_impl` links (op, backend) to a function taking the op's own arguments,
   with an optional ``supports(*args)`` predicate (shapes, dtypes, strides only: never values) that returns
-  ``None`` or the reason it cannot run those arguments.
+  ``None`` or the reason it cannot run those arguments, and whether gradients flow through it
+  (``differentiable``; a call whose inputs require grad only runs differentiable implementations).
 
 Resolution (:func:`dispatch`): a named backend runs its implementation or raises a clear error (unknown backend,
 backend lacking the op, backend unavailable on the device, input unsupported).  ``"auto"`` takes, per op and per
@@ -70,6 +71,19 @@ class Impl:
     backend: str
     fn: Callable
     supports: Callable[..., str | None] | None = None
+    differentiable: bool = False  # gradients flow through fn (reference: torch autograd; kernels: their backward)
+
+    def declines(self, args: tuple) -> str | None:
+        """Why this implementation cannot run ``args``: an input that needs a gradient it cannot give, or its
+        ``supports`` reason; None when it can."""
+        if not self.differentiable and torch.is_grad_enabled():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return (
+                        f"backend {self.backend!r} has no backward for {self.op!r} and an input requires grad; "
+                        "use torch.no_grad() or a backend that registers one"
+                    )
+        return None if self.supports is None else self.supports(*args)
 
 
 @dataclass(frozen=True)
@@ -210,7 +224,7 @@ def register_op(spec: OpSpec) -> None:
     if spec.name in _backends or spec.name in (AUTO,) or not spec.name.isidentifier():
         raise ValueError(f"bad op name {spec.name!r}")
     _specs[spec.name] = spec
-    _impls[(spec.name, REFERENCE)] = Impl(spec.name, REFERENCE, spec.reference)
+    _impls[(spec.name, REFERENCE)] = Impl(spec.name, REFERENCE, spec.reference, differentiable=True)
     ops_module = sys.modules.get("gpt2fast.ops")
     if ops_module is not None:
         setattr(ops_module, spec.name, spec.op)
@@ -243,12 +257,16 @@ def get_spec(name: str) -> OpSpec:
         raise ValueError(f"unknown op {name!r}; registered ops: {list(_specs)}") from None
 
 
-def register_impl(op: str, backend: str, *, supports: Callable[..., str | None] | None = None) -> Callable:
+def register_impl(
+    op: str, backend: str, *, supports: Callable[..., str | None] | None = None, differentiable: bool = False
+) -> Callable:
     """Decorator: register the decorated function as ``backend``'s implementation of ``op``.
 
     The function takes the op's own arguments (the spec's ``args``, in order, without ``backend``); the shared
     validation has already run.  ``supports(*args)`` returns ``None`` or why this backend cannot run those
     arguments; it may read shapes, dtypes and strides, never tensor values (no host sync, graph-safe).
+    ``differentiable``: gradients flow through the function (a custom op with its backward registered); a call
+    that needs a gradient skips (under "auto") or refuses (named) an implementation that is not.
     """
     if backend not in _backends:
         raise ValueError(f"register_backend({backend!r}, ...) before registering its implementations")
@@ -258,7 +276,7 @@ def register_impl(op: str, backend: str, *, supports: Callable[..., str | None] 
         _check_arity(spec, fn, "implementation")
         if supports is not None:
             _check_arity(spec, supports, "supports predicate")
-        _impls[(op, backend)] = Impl(op, backend, fn, supports)
+        _impls[(op, backend)] = Impl(op, backend, fn, supports, differentiable)
         clear_cache()
         return fn
 
@@ -324,7 +342,7 @@ def supported(op: str, backend: str, *args) -> str | None:
         impl = get_impl(op, backend)
     except (ValueError, BackendUnavailableError) as exc:
         return str(exc)
-    return None if impl.supports is None else impl.supports(*args)
+    return impl.declines(args)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------------
@@ -366,13 +384,12 @@ def select(op: str, backend: str | None, args: tuple, device: torch.device) -> I
     impls = candidates(op, name, device)
     if name != AUTO:
         impl = impls[0]
-        if impl.supports is not None:
-            reason = impl.supports(*args)
-            if reason is not None:
-                raise UnsupportedInputError(reason)
+        reason = impl.declines(args)
+        if reason is not None:
+            raise UnsupportedInputError(reason)
         return impl
     for impl in impls:
-        if impl.supports is None or impl.supports(*args) is None:
+        if impl.declines(args) is None:
             return impl
     raise UnsupportedInputError(f"no available backend supports these {op} arguments on {device}")
 
