@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
 
   {
     TileRegs<T, kBM, D, kMmaThreads> qr;
-    qr.load(qg, p.qs.t, q_start, T_);
+    qr.load(qg, p.qs.time, q_start, T_);
     qr.template store<QP>(sQ);
   }
   __syncthreads();
@@ -182,16 +182,16 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
 
   const int n_end = p.causal ? min(T_, q_start + kBM) : T_;
   TileRegs<T, BN, D, kMmaThreads> kr, vr;
-  kr.load(kg, p.ks.t, 0, T_);
-  vr.load(vg, p.vs.t, 0, T_);
+  kr.load(kg, p.ks.time, 0, T_);
+  vr.load(vg, p.vs.time, 0, T_);
   for (int n_start = 0; n_start < n_end; n_start += BN) {
     __syncthreads();  // the previous tile's sK/sV are no longer read
     kr.template store<QP>(sK);
     vr.template store<QP>(sV);
     __syncthreads();
     if (n_start + BN < n_end) {  // prefetch the next tile; the loads overlap the math below
-      kr.load(kg, p.ks.t, n_start + BN, T_);
-      vr.load(vg, p.vs.t, n_start + BN, T_);
+      kr.load(kg, p.ks.time, n_start + BN, T_);
+      vr.load(vg, p.vs.time, n_start + BN, T_);
     }
 
     float s[NS][4];
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
 
   for (int i = threadIdx.x; i < kF32BQ * D; i += kThreadsN) {
     const int r = i / D, c = i % D;
-    sQ[r][c] = q_start + r < T_ ? qg[static_cast<int64_t>(q_start + r) * p.qs.t + c] * p.scale_log2 : 0.f;
+    sQ[r][c] = q_start + r < T_ ? qg[static_cast<int64_t>(q_start + r) * p.qs.time + c] * p.scale_log2 : 0.f;
   }
 
   float m_i[kF32RowsPerWarp], l_i[kF32RowsPerWarp], acc[kF32RowsPerWarp][DPL];
@@ -323,8 +323,8 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
     for (int i = threadIdx.x; i < kF32BK * D; i += kThreadsN) {
       const int r = i / D, c = i % D;
       const bool in = n_start + r < T_;
-      sK[r][c] = in ? kg[static_cast<int64_t>(n_start + r) * p.ks.t + c] : 0.f;
-      sV[r][c] = in ? vg[static_cast<int64_t>(n_start + r) * p.vs.t + c] : 0.f;
+      sK[r][c] = in ? kg[static_cast<int64_t>(n_start + r) * p.ks.time + c] : 0.f;
+      sV[r][c] = in ? vg[static_cast<int64_t>(n_start + r) * p.vs.time + c] : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -379,29 +379,30 @@ void launch(const AttnParams<T>& p, int batch, cudaStream_t stream) {
 
 }  // namespace
 
-int attention(int dtype, const void* q, const void* k, const void* v, void* out, int batch, int heads, int seqlen,
-              int head_dim, const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides, bool causal,
-              float scale, void* stream, int device) {
-  // seqlen <= 2^30: q_start + tile and n_start + tile stay within int.
-  if (batch <= 0 || heads <= 0 || seqlen <= 0 || seqlen > (1 << 30) || batch > 65535 || heads > 65535)
+int attention(const AttentionParams& a) {
+  if (!launch_fields_set(a.dtype, a.device) || a.q == nullptr || a.k == nullptr || a.v == nullptr ||
+      a.out == nullptr || !positive_finite(a.scale) || !supported_head_dim(a.head_dim))
     return cudaErrorInvalidValue;
-  DeviceGuard guard(device);  // restores the caller's device on return
+  // seqlen <= 2^30: q_start + tile and n_start + tile stay within int.
+  if (a.batch <= 0 || a.heads <= 0 || a.seqlen <= 0 || a.seqlen > (1 << 30) || a.batch > 65535 || a.heads > 65535)
+    return cudaErrorInvalidValue;
+  DeviceGuard guard(a.device);  // restores the caller's device on return
   G2F_RETURN_IF_ERROR(guard.status());
-  auto s = static_cast<cudaStream_t>(stream);
-  G2F_DISPATCH_DTYPE(dtype, T, {
+  auto s = static_cast<cudaStream_t>(a.stream);
+  G2F_DISPATCH_DTYPE(a.dtype, T, {
     AttnParams<T> p;
-    p.q = static_cast<const T*>(q);
-    p.k = static_cast<const T*>(k);
-    p.v = static_cast<const T*>(v);
-    p.out = static_cast<T*>(out);
-    p.qs = Strides::of(q_strides);
-    p.ks = Strides::of(k_strides);
-    p.vs = Strides::of(v_strides);
-    p.heads = heads;
-    p.seqlen = seqlen;
-    p.causal = causal;
-    p.scale_log2 = scale * kLog2e;
-    G2F_DISPATCH_HEAD_DIM(head_dim, D, launch<T, D>(p, batch, s));
+    p.q = static_cast<const T*>(a.q);
+    p.k = static_cast<const T*>(a.k);
+    p.v = static_cast<const T*>(a.v);
+    p.out = static_cast<T*>(a.out);
+    p.qs = a.q_strides;
+    p.ks = a.k_strides;
+    p.vs = a.v_strides;
+    p.heads = a.heads;
+    p.seqlen = a.seqlen;
+    p.causal = a.causal;
+    p.scale_log2 = a.scale * kLog2e;
+    G2F_DISPATCH_HEAD_DIM(a.head_dim, D, launch<T, D>(p, a.batch, s));
   });
   return launch_status();
 }

@@ -43,21 +43,23 @@ void launch(const T* x, int64_t xs, const T* b, T* y, int64_t rows, int64_t n, c
 
 }  // namespace
 
-int bias_gelu(int dtype, const void* x, int64_t x_stride, const void* bias, void* y, int64_t rows, int64_t n,
-              void* stream, int device) {
-  if (rows <= 0 || n <= 0) return cudaErrorInvalidValue;
-  DeviceGuard guard(device);  // restores the caller's device on return
+int bias_gelu(const BiasGeluParams& p) {
+  if (!launch_fields_set(p.dtype, p.device) || p.x == nullptr || p.bias == nullptr || p.y == nullptr)
+    return cudaErrorInvalidValue;
+  if (p.rows <= 0 || p.n <= 0) return cudaErrorInvalidValue;
+  DeviceGuard guard(p.device);  // restores the caller's device on return
   G2F_RETURN_IF_ERROR(guard.status());
-  auto s = static_cast<cudaStream_t>(stream);
-  G2F_DISPATCH_DTYPE(dtype, T, {
+  auto s = static_cast<cudaStream_t>(p.stream);
+  const int64_t rows = p.rows, n = p.n, xs = p.x_row_stride;
+  G2F_DISPATCH_DTYPE(p.dtype, T, {
     constexpr int kVecW = Vec<T>::kSize;
-    auto xt = static_cast<const T*>(x);
-    auto bt = static_cast<const T*>(bias);
-    auto yt = static_cast<T*>(y);
-    if (n % kVecW == 0 && x_stride % kVecW == 0 && aligned16(x) && aligned16(bias) && aligned16(y))
-      launch<T, kVecW>(xt, x_stride, bt, yt, rows, n, s);
+    auto xt = static_cast<const T*>(p.x);
+    auto bt = static_cast<const T*>(p.bias);
+    auto yt = static_cast<T*>(p.y);
+    if (n % kVecW == 0 && xs % kVecW == 0 && aligned16(p.x) && aligned16(p.bias) && aligned16(p.y))
+      launch<T, kVecW>(xt, xs, bt, yt, rows, n, s);
     else
-      launch<T, 1>(xt, x_stride, bt, yt, rows, n, s);
+      launch<T, 1>(xt, xs, bt, yt, rows, n, s);
   });
   return launch_status();
 }

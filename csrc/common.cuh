@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
@@ -96,21 +97,17 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
-// ---------------------------------------------------------------- operand strides
-// Element strides of one [B, H, (T,) D] operand whose D axis has unit stride.
-struct Strides {
-  int64_t b, h, t;
-  // From (batch, head, time) strides, or (batch, head) ones when `has_time` is false (t = 0);
-  // null (an absent operand) gives zeros.
-  static Strides of(const int64_t* s, bool has_time = true) {
-    if (s == nullptr) return {0, 0, 0};
-    return {s[0], s[1], has_time ? s[2] : 0};
-  }
-  __host__ __device__ __forceinline__ int64_t at(int b_, int h_) const { return b_ * b + h_ * h; }
-};
-
 // ---------------------------------------------------------------- host side
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// The fields every parameter struct shares were set: a known dtype code and a device index.
+inline bool launch_fields_set(int dtype, int device) { return dtype >= G2F_F32 && dtype <= G2F_BF16 && device >= 0; }
+
+// A positive, finite float: rejects 0 (a parameter left unset), negatives, NaN and inf.
+inline bool positive_finite(float v) { return v > 0.f && v <= FLT_MAX; }
+
+// A head dim the attention kernels are instantiated for (G2F_DISPATCH_HEAD_DIM's cases).
+inline bool supported_head_dim(int d) { return d == 32 || d == 64 || d == 128; }
 
 // Makes `device` current for one entry point's launches and restores the caller's device on
 // destruction: this (statically linked) runtime shares the thread's current context with

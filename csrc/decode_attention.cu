@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   // The owning split writes the new key/value into the cache (nobody else touches that slot).
   if (append && pos_new >= start && pos_new < start + p.chunk) {
     for (int i = tid; i < D / W; i += kThreads) {
-      store_vec(kc + pos_new * p.kcs.t + i * W, load_vec(kn + i * W));
-      store_vec(vc + pos_new * p.vcs.t + i * W, load_vec(vn + i * W));
+      store_vec(kc + pos_new * p.kcs.time + i * W, load_vec(kn + i * W));
+      store_vec(vc + pos_new * p.vcs.time + i * W, load_vec(vn + i * W));
     }
   }
 
@@ -97,8 +97,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + u * NG + g;
       if (t < end) {
-        kraw[u] = load_vec((t == pos_new ? kn : kc + t * p.kcs.t) + dim0);
-        vraw[u] = load_vec((t == pos_new ? vn : vc + t * p.vcs.t) + dim0);
+        kraw[u] = load_vec((t == pos_new ? kn : kc + t * p.kcs.time) + dim0);
+        vraw[u] = load_vec((t == pos_new ? vn : vc + t * p.vcs.time) + dim0);
       } else {
 #pragma unroll
         for (int i = 0; i < W; ++i) kraw[u].v[i] = vraw[u].v[i] = from_float<T>(0.f);
@@ -194,43 +194,43 @@ void launch(const DecodeParams<T>& p, int batch, cudaStream_t stream) {
 
 }  // namespace
 
-int decode_attention(int dtype, const void* q, const int64_t* q_strides, void* k_cache, void* v_cache,
-                     const int64_t* kc_strides, const int64_t* vc_strides, const int32_t* cache_seqlens,
-                     const void* k_new, const void* v_new, const int64_t* knew_strides,
-                     const int64_t* vnew_strides, void* out, float* o_part, float* lse, int batch, int heads,
-                     int t_max, int head_dim, int num_splits, float scale, void* stream, int device) {
+int decode_attention(const DecodeAttentionParams& a) {
+  if (!launch_fields_set(a.dtype, a.device) || a.q == nullptr || a.k_cache == nullptr || a.v_cache == nullptr ||
+      a.cache_seqlens == nullptr || a.out == nullptr || !positive_finite(a.scale) || !supported_head_dim(a.head_dim))
+    return cudaErrorInvalidValue;
+  const int batch = a.batch, heads = a.heads, t_max = a.t_max, num_splits = a.num_splits;
   if (batch <= 0 || heads <= 0 || t_max <= 0 || num_splits <= 0 || heads > 65535 || batch > 65535)
     return cudaErrorInvalidValue;
   // The combine kernel's grid is B*H blocks (gridDim.x <= 2^31 - 1); the split kernel's positions
   // split*chunk + chunk must not overflow int.
   if (int64_t{batch} * heads > 0x7fffffffLL || t_max > (1 << 30) || num_splits > t_max) return cudaErrorInvalidValue;
-  if (num_splits > 1 && (o_part == nullptr || lse == nullptr)) return cudaErrorInvalidValue;
-  if ((k_new == nullptr) != (v_new == nullptr)) return cudaErrorInvalidValue;
-  DeviceGuard guard(device);  // restores the caller's device on return
+  if (num_splits > 1 && (a.o_part == nullptr || a.lse == nullptr)) return cudaErrorInvalidValue;
+  if ((a.k_new == nullptr) != (a.v_new == nullptr)) return cudaErrorInvalidValue;
+  DeviceGuard guard(a.device);  // restores the caller's device on return
   G2F_RETURN_IF_ERROR(guard.status());
-  auto s = static_cast<cudaStream_t>(stream);
-  G2F_DISPATCH_DTYPE(dtype, T, {
+  auto s = static_cast<cudaStream_t>(a.stream);
+  G2F_DISPATCH_DTYPE(a.dtype, T, {
     DecodeParams<T> p;
-    p.q = static_cast<const T*>(q);
-    p.k_cache = static_cast<T*>(k_cache);
-    p.v_cache = static_cast<T*>(v_cache);
-    p.seqlens = cache_seqlens;
-    p.k_new = static_cast<const T*>(k_new);
-    p.v_new = static_cast<const T*>(v_new);
-    p.out = static_cast<T*>(out);
-    p.o_part = o_part;
-    p.lse = lse;
-    p.qs = Strides::of(q_strides, false);
-    p.kcs = Strides::of(kc_strides);
-    p.vcs = Strides::of(vc_strides);
-    p.kns = Strides::of(k_new ? knew_strides : nullptr, false);
-    p.vns = Strides::of(v_new ? vnew_strides : nullptr, false);
+    p.q = static_cast<const T*>(a.q);
+    p.k_cache = static_cast<T*>(a.k_cache);
+    p.v_cache = static_cast<T*>(a.v_cache);
+    p.seqlens = a.cache_seqlens;
+    p.k_new = static_cast<const T*>(a.k_new);
+    p.v_new = static_cast<const T*>(a.v_new);
+    p.out = static_cast<T*>(a.out);
+    p.o_part = a.o_part;
+    p.lse = a.lse;
+    p.qs = a.q_strides;
+    p.kcs = a.k_cache_strides;
+    p.vcs = a.v_cache_strides;
+    p.kns = a.k_new_strides;
+    p.vns = a.v_new_strides;
     p.heads = heads;
     p.t_max = t_max;
     p.num_splits = num_splits;
     p.chunk = ceil_div(t_max, num_splits);
-    p.scale_log2 = scale * kLog2e;
-    G2F_DISPATCH_HEAD_DIM(head_dim, D, launch<T, D>(p, batch, s));
+    p.scale_log2 = a.scale * kLog2e;
+    G2F_DISPATCH_HEAD_DIM(a.head_dim, D, launch<T, D>(p, batch, s));
   });
   return launch_status();
 }

@@ -144,39 +144,43 @@ void launch(const T* x, int64_t xs, const T* r, int64_t rs, const T* w, const T*
 
 }  // namespace
 
-int layer_norm(int dtype, const void* x, int64_t x_stride, const void* residual, int64_t res_stride,
-               const void* weight, const void* bias, void* y, void* h, int64_t rows, int64_t n, float eps,
-               void* stream, int device) {
+int layer_norm(const LayerNormParams& p) {
+  if (!launch_fields_set(p.dtype, p.device) || p.x == nullptr || p.weight == nullptr || p.bias == nullptr ||
+      p.y == nullptr || !positive_finite(p.eps))
+    return cudaErrorInvalidValue;
   // gridDim.x <= 2^31 - 1: ceil(rows / 4) blocks for short rows, one block per row for long ones
   // (which have n > 256).
+  const int64_t rows = p.rows, n = p.n;
   if (rows <= 0 || n <= 0 || n > (int64_t{1} << 30) || rows > 0x7fffffffLL * 4) return cudaErrorInvalidValue;
   if (n > 256 && rows > 0x7fffffffLL) return cudaErrorInvalidValue;
-  if ((residual == nullptr) != (h == nullptr)) return cudaErrorInvalidValue;
-  DeviceGuard guard(device);  // restores the caller's device on return
+  if ((p.residual == nullptr) != (p.h == nullptr)) return cudaErrorInvalidValue;
+  DeviceGuard guard(p.device);  // restores the caller's device on return
   G2F_RETURN_IF_ERROR(guard.status());
-  auto s = static_cast<cudaStream_t>(stream);
-  G2F_DISPATCH_DTYPE(dtype, T, {
+  auto s = static_cast<cudaStream_t>(p.stream);
+  const int64_t xs = p.x_row_stride, rs = p.residual_row_stride;
+  G2F_DISPATCH_DTYPE(p.dtype, T, {
     const int vec = Vec<T>::kSize;
-    const bool can_vec = n % vec == 0 && x_stride % vec == 0 && aligned16(x) && aligned16(weight) &&
-                         aligned16(bias) && aligned16(y) &&
-                         (residual == nullptr || (res_stride % vec == 0 && aligned16(residual) && aligned16(h)));
-    auto xt = static_cast<const T*>(x);
-    auto rt = static_cast<const T*>(residual);
-    auto wt = static_cast<const T*>(weight);
-    auto bt = static_cast<const T*>(bias);
-    auto yt = static_cast<T*>(y);
-    auto ht = static_cast<T*>(h);
+    const bool can_vec = n % vec == 0 && xs % vec == 0 && aligned16(p.x) && aligned16(p.weight) &&
+                         aligned16(p.bias) && aligned16(p.y) &&
+                         (p.residual == nullptr || (rs % vec == 0 && aligned16(p.residual) && aligned16(p.h)));
+    auto xt = static_cast<const T*>(p.x);
+    auto rt = static_cast<const T*>(p.residual);
+    auto wt = static_cast<const T*>(p.weight);
+    auto bt = static_cast<const T*>(p.bias);
+    auto yt = static_cast<T*>(p.y);
+    auto ht = static_cast<T*>(p.h);
     const int ni = static_cast<int>(n);
-    if (residual != nullptr) {
+    const float eps = p.eps;
+    if (p.residual != nullptr) {
       if (can_vec)
-        launch<T, true, true>(xt, x_stride, rt, res_stride, wt, bt, yt, ht, rows, ni, eps, s);
+        launch<T, true, true>(xt, xs, rt, rs, wt, bt, yt, ht, rows, ni, eps, s);
       else
-        launch<T, false, true>(xt, x_stride, rt, res_stride, wt, bt, yt, ht, rows, ni, eps, s);
+        launch<T, false, true>(xt, xs, rt, rs, wt, bt, yt, ht, rows, ni, eps, s);
     } else {
       if (can_vec)
-        launch<T, true, false>(xt, x_stride, rt, 0, wt, bt, yt, ht, rows, ni, eps, s);
+        launch<T, true, false>(xt, xs, rt, 0, wt, bt, yt, ht, rows, ni, eps, s);
       else
-        launch<T, false, false>(xt, x_stride, rt, 0, wt, bt, yt, ht, rows, ni, eps, s);
+        launch<T, false, false>(xt, xs, rt, 0, wt, bt, yt, ht, rows, ni, eps, s);
     }
   });
   return launch_status();

@@ -96,10 +96,16 @@ def test_extension_imports_without_gpu():
     assert (code == 0) == (msg == "")
     for name in ("layer_norm", "bias_gelu", "attention", "decode_attention"):
         assert callable(getattr(_C, name))
-    from gpt2fast.ops import cuda
+    from gpt2fast.ops.cuda import _ext
 
-    assert (_C.F32, _C.F16, _C.BF16) == tuple(cuda._DTYPE_CODE[t] for t in cuda.FLOAT_DTYPES)
-    if code != 0:  # no usable device: a launch must raise, never crash
-        with pytest.raises(RuntimeError, match=r"gpt2fast\._C\.bias_gelu: CUDA error"):
-            _C.bias_gelu(_C.F32, 0, 4, 0, 0, 1, 4, 0, 0)
+    assert (_C.F32, _C.F16, _C.BF16) == tuple(_ext.DTYPE_CODE[t] for t in _ext.FLOAT_DTYPES)
+    unset = r"gpt2fast\._C\.bias_gelu: CUDA error 1 \(.*\); a required field is unset .* in BiasGeluParams\(dtype=-1"
+    with pytest.raises(RuntimeError, match=unset):  # refused before the runtime is asked anything
+        _C.bias_gelu(_C.BiasGeluParams())
+    if code != 0:  # no usable device: a launch whose fields pass the checks must raise, never crash
+        params = _C.BiasGeluParams()
+        for field, value in dict(dtype=_C.F32, x=16, x_row_stride=4, bias=32, y=48, rows=1, n=4, device=0).items():
+            setattr(params, field, value)
+        with pytest.raises(RuntimeError, match=rf"gpt2fast\._C\.bias_gelu: CUDA error {code} "):
+            _C.bias_gelu(params)
     assert sys.modules["gpt2fast._C"] is _C

@@ -1,0 +1,69 @@
+"""Prefill attention over [B, H, T, D] through ``_C.attention`` (``csrc/attention.cu``): FlashAttention-2 style
+with ``mma.sync`` tensor cores for fp16/bf16, a CUDA-core kernel for fp32.
+
+q, k and v are read through their (batch, head, time) strides, so the model's views of one QKV projection run
+without copies; the last dim must have unit stride and the other strides (and the data pointers) must be
+16-byte multiples.  Head dims 32, 64 and 128.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2fast.ops._registry import register_impl
+from gpt2fast.ops.cuda import _ext
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> str | None:
+    """A supported head dim, 16-byte aligned strides, B/H within the grid, T within int32 position math and a
+    scale that fp32 represents."""
+    d = q.shape[-1]
+    return (
+        _ext.dtype_reason("q", q)
+        or _ext.head_dim_reason(d)
+        or _ext.vec_aligned_reason("q", q, 3)
+        or _ext.vec_aligned_reason("k", k, 3)
+        or _ext.vec_aligned_reason("v", v, 3)
+        or _ext.grid_reason(q.shape[0], q.shape[1])
+        or _ext.seq_reason("T", q.shape[2])
+        or _ext.fp32_param_reason("scale", _ext.default_scale(d, scale))
+    )
+
+
+@torch.library.custom_op("gpt2fast::cuda_attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    """Attention of q over k/v (contiguous [B, H, T, D] output)."""
+    device = _ext.check_device(q=q, k=k, v=v)
+    _ext.check_ptr(q=q, k=k, v=v)
+    b, h, t, d = q.shape
+    out = _ext.new_like(q)
+    _ext.launch(
+        "attention",
+        device,
+        dtype=_ext.dtype_code(q),
+        q=_ext.ptr(q),
+        q_strides=_ext.strides(q),
+        k=_ext.ptr(k),
+        k_strides=_ext.strides(k),
+        v=_ext.ptr(v),
+        v_strides=_ext.strides(v),
+        out=_ext.ptr(out),
+        batch=b,
+        heads=h,
+        seqlen=t,
+        head_dim=d,
+        causal=bool(causal),
+        scale=float(scale),
+    )
+    return out
+
+
+@attention_op.register_fake
+def _(q, k, v, causal, scale):
+    return _ext.new_like(q)
+
+
+@register_impl("attention", "cuda", supports=supports)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
+    """Softmax attention over ``[B, H, T, D]`` (D in 32/64/128), causal or full; ``scale`` None is 1/sqrt(D)."""
+    return attention_op(q, k, v, bool(causal), _ext.default_scale(q.shape[-1], scale))

@@ -1,0 +1,48 @@
+"""``gelu_tanh(x + bias)`` through ``_C.bias_gelu`` (``csrc/bias_gelu.cu``), computed in fp32.
+
+Rows of ``x`` are read through one row stride (a column slice of a wider tensor runs without a copy); ``bias``
+must be contiguous.  128-bit loads when N, the row stride and the pointers allow it, scalar loads otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2fast.ops._registry import register_impl
+from gpt2fast.ops.cuda import _ext
+
+
+def supports(x: torch.Tensor, bias: torch.Tensor) -> str | None:
+    """Rows of ``x`` with one row stride and a contiguous ``bias``."""
+    return _ext.dtype_reason("x", x) or _ext.rows_reason("x", x) or _ext.contiguous_1d_reason("bias", bias)
+
+
+@torch.library.custom_op("gpt2fast::cuda_bias_gelu", mutates_args=())
+def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x + bias) (contiguous output)."""
+    device = _ext.check_device(x=x, bias=bias)
+    x2, xs = _ext.rows_view("x", x)
+    y = _ext.new_like(x)
+    _ext.launch(
+        "bias_gelu",
+        device,
+        dtype=_ext.dtype_code(x),
+        x=_ext.ptr(x2),
+        x_row_stride=xs,
+        bias=_ext.ptr(bias),
+        y=_ext.ptr(y),
+        rows=x2.shape[0],
+        n=x2.shape[1],
+    )
+    return y
+
+
+@bias_gelu_op.register_fake
+def _(x, bias):
+    return _ext.new_like(x)
+
+
+@register_impl("bias_gelu", "cuda", supports=supports)
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x + bias), computed in fp32."""
+    return bias_gelu_op(x, bias)
