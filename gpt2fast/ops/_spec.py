@@ -10,6 +10,7 @@ registered specs, so a new op needs nothing else (see ``gpt2fast/ops/README.md``
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,17 @@ class OpSpec:
     check_outputs: Callable[[dict, list[torch.Tensor]], list[torch.Tensor]] = _whole_outputs  # the same slice
     baselines: Callable[[torch.device], dict[str, Provider | str]] = _no_baselines  # other libraries' versions
 
+    @classmethod
+    def from_module(cls, module_name: str) -> OpSpec:
+        """The spec an op module declares by convention: the public function named like the module, ``ARGS``,
+        ``reference``, ``make_inputs``, ``TEST_SHAPES``, and, when present, ``GPU_SHAPES``, ``DTYPES``,
+        ``MUTATES``, ``VIEWS``, ``BAD_INPUTS``, ``EDGE_INPUTS``, ``invariants``, ``shape_strategy``,
+        ``bench_cases``, ``traffic``, ``check_inputs``, ``check_outputs`` and ``baselines``."""
+        mod = sys.modules[module_name]
+        name = module_name.rsplit(".", 1)[-1]
+        given = {field: getattr(mod, attr) for field, attr in _MODULE_FIELDS.items() if hasattr(mod, attr)}
+        return cls(name=name, op=getattr(mod, name), **given)
+
     def call(self, inputs: Inputs, backend: str | None = None):
         """Run the public op on ``inputs`` (keyword arguments) with ``backend``."""
         return self.op(**inputs, backend=backend)
@@ -126,6 +138,28 @@ class OpSpec:
     def run_reference(self, inputs: Inputs) -> list[torch.Tensor]:
         """The reference implementation on ``inputs``, outputs as a list."""
         return as_list(self.reference(*(inputs[a] for a in self.args)))
+
+
+#: OpSpec field -> the module-level name :meth:`OpSpec.from_module` reads it from.
+_MODULE_FIELDS = {
+    "args": "ARGS",
+    "reference": "reference",
+    "make_inputs": "make_inputs",
+    "test_shapes": "TEST_SHAPES",
+    "gpu_shapes": "GPU_SHAPES",
+    "dtypes": "DTYPES",
+    "mutates": "MUTATES",
+    "views": "VIEWS",
+    "bad_inputs": "BAD_INPUTS",
+    "edge_inputs": "EDGE_INPUTS",
+    "invariants": "invariants",
+    "shape_strategy": "shape_strategy",
+    "bench_cases": "bench_cases",
+    "traffic": "traffic",
+    "check_inputs": "check_inputs",
+    "check_outputs": "check_outputs",
+    "baselines": "baselines",
+}
 
 
 def as_list(out) -> list[torch.Tensor]:

@@ -144,21 +144,4 @@ def baselines(device: torch.device) -> dict:
     return {"torch": torch_eager}
 
 
-SPEC = OpSpec(
-    name="bias_gelu",
-    op=bias_gelu,
-    args=ARGS,
-    reference=reference,
-    make_inputs=make_inputs,
-    test_shapes=TEST_SHAPES,
-    gpu_shapes=GPU_SHAPES,
-    bad_inputs=BAD_INPUTS,
-    edge_inputs=EDGE_INPUTS,
-    shape_strategy=shape_strategy,
-    bench_cases=bench_cases,
-    traffic=traffic,
-    check_inputs=check_inputs,
-    check_outputs=check_outputs,
-    baselines=baselines,
-)
-register_op(SPEC)
+register_op(OpSpec.from_module(__name__))

@@ -13,6 +13,7 @@ from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
 from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, View, seeded_randn
 
+MUTATES = ("k_cache", "v_cache")  # the append writes the caches in place
 ARGS = ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "scale")
 
 
@@ -369,24 +370,4 @@ def baselines(device: torch.device) -> dict:
     return out
 
 
-SPEC = OpSpec(
-    name="decode_attention",
-    op=decode_attention,
-    args=ARGS,
-    reference=reference,
-    make_inputs=make_inputs,
-    test_shapes=TEST_SHAPES,
-    gpu_shapes=GPU_SHAPES,
-    mutates=("k_cache", "v_cache"),
-    views=VIEWS,
-    bad_inputs=BAD_INPUTS,
-    edge_inputs=EDGE_INPUTS,
-    invariants=invariants,
-    shape_strategy=shape_strategy,
-    bench_cases=bench_cases,
-    traffic=traffic,
-    check_inputs=check_inputs,
-    check_outputs=check_outputs,
-    baselines=baselines,
-)
-register_op(SPEC)
+register_op(OpSpec.from_module(__name__))
