@@ -31,7 +31,12 @@ from gpt2fast.ops.triton._common import (
     next_pow2,
     num_sms,
     signature,
-    tuning_arch,
+)
+from gpt2fast.ops.triton._tuning import (
+    DECODE_COMBINE_WARPS,
+    DECODE_SPLIT,
+    decode_combine_config,
+    decode_split_heuristic,
 )
 
 #: Head dims the kernels are compiled for (the same as prefill attention).
@@ -40,38 +45,6 @@ HEAD_DIMS = (32, 64, 128)
 SPLIT_GRANULE = 128
 #: At most this many slices per sequence.
 MAX_SPLITS = 64
-
-
-#: Autotuned (BLOCK_N, warps, stages) of the split kernel.
-_TILES = ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (64, 2, 3))
-#: Tiles left out per (target, head dim, fp32?) because they spill registers there under triton 3.9 (when
-#: appending) or 3.6 (sm_80 fp32 D=64 BLOCK_N=128 without append); see benchmarks/compile_check.py --full.
-_SPILLS = {
-    (90, 128, True): {(128, 4, 2), (64, 2, 3)},
-    (80, 128, True): {(128, 4, 2), (64, 2, 3)},
-    (80, 128, False): {(64, 2, 3)},
-    (80, 64, True): {(128, 4, 2)},
-}
-
-_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _TILES]
-
-
-def tiles(dtype: torch.dtype, head_dim: int, arch: int = 90) -> list[tuple[int, int, int]]:
-    """The split-kernel tiles autotuning tries for this dtype and head dim on target ``arch`` (80 or 90,
-    see :func:`~gpt2fast.ops.triton._common.tuning_arch`): none of them spills registers there."""
-    spills = _SPILLS.get((arch, head_dim, dtype == torch.float32), set())
-    return [t for t in _TILES if t not in spills]
-
-
-def _tile(cfg: triton.Config) -> tuple[int, int, int]:
-    return cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-
-
-def _prune(configs, named_args, **kwargs):
-    """Autotuner hook: keep the tiles of :func:`tiles` for this launch's dtype, head dim and GPU."""
-    q = named_args["Q"]
-    keep = tiles(q.dtype, kwargs["HEAD_DIM"], tuning_arch(q.device))
-    return [c for c in configs if _tile(c) in keep]
 
 
 @triton.jit
@@ -162,18 +135,10 @@ def _decode_combine_kernel(Opart, Lse, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, SP
 # back in the launch) at seqlens[b], so every repeat writes the same values.  The key is fixed per
 # (B*H, T_max, dtype): no step re-tunes, and a CUDA graph captures an already-tuned launch.
 _decode_split_tuned = triton.autotune(
-    configs=_CONFIGS,
+    configs=DECODE_SPLIT.configs,
     key=["SPLIT_LEN", "HEAD_DIM", "HAS_NEW", "DIRECT"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": DECODE_SPLIT.prune},
 )(_decode_split_kernel)
-
-
-def heuristic_config(head_dim: int) -> triton.Config:
-    """64 positions per step, 4 warps (no spills at any dtype and head dim on sm_80 and sm_90); 16 positions
-    under the interpreter (small test caches)."""
-    if interpreting():
-        return triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)
-    return triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)
 
 
 def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
@@ -222,11 +187,10 @@ def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_spli
         H, t_max, split_len, splits,
     )  # fmt: skip
     consts = dict(HEAD_DIM=D, HAS_NEW=has_new, DIRECT=direct)
-    launch(_decode_split_kernel, _decode_split_tuned, (B * H, splits), args, consts, heuristic_config(D))
+    launch(_decode_split_kernel, _decode_split_tuned, (B * H, splits), args, consts, decode_split_heuristic(D))
     if not direct:
-        cfg = triton.Config({}, num_warps=1 if interpreting() else 4, num_stages=1)
         consts = dict(HEAD_DIM=D, SPLITS_POW2=next_pow2(splits))
-        launch(_decode_combine_kernel, None, (B * H,), (opart, lse, out, splits), consts, cfg)
+        launch(_decode_combine_kernel, None, (B * H,), (opart, lse, out, splits), consts, decode_combine_config())
     return out
 
 
@@ -267,10 +231,8 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
         ptr = "*" + tname
         for d in HEAD_DIMS:
             gpt2 = dtype == torch.float16 and d == 64
-            heur = heuristic_config(d)
-            launchable = [c for c in _CONFIGS if _tile(c) in tiles(dtype, d, arch)]
-            if _tile(heur) not in map(_tile, launchable):
-                launchable.append(heur)
+            heur = decode_split_heuristic(d)
+            launchable = DECODE_SPLIT.launchable(dtype, d, arch, heur)
             for has_new in (True, False):
                 for direct in (False, True):
                     if not (full or (has_new and not direct) or gpt2):
@@ -287,8 +249,8 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                         sig = signature(
                             _decode_split_kernel, {k: v for k, v in types.items() if k not in consts}, consts
                         )
-                        bn, w, s = _tile(cfg)
-                        is_heur = _tile(cfg) == _tile(heur)
+                        bn, w, s = DECODE_SPLIT.tile(cfg)
+                        is_heur = DECODE_SPLIT.tile(cfg) == DECODE_SPLIT.tile(heur)
                         label = f"{tname} D={d} new={int(has_new)} direct={int(direct)} BLOCK_N={bn} w={w} s={s}"
                         case = CompileCase("decode_split", _decode_split_kernel, sig, consts, w, s, label, is_heur)
                         cases.append(case)
@@ -296,6 +258,7 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                 consts = dict(HEAD_DIM=d, SPLITS_POW2=MAX_SPLITS)
                 types = dict(Opart="*fp32", Lse="*fp32", O=ptr, NUM_SPLITS="i32")
                 sig = signature(_decode_combine_kernel, types, consts)
-                label = f"{tname} D={d} splits<={MAX_SPLITS} w=4"
-                cases.append(CompileCase("decode_combine", _decode_combine_kernel, sig, consts, 4, 1, label, True))
+                w = DECODE_COMBINE_WARPS
+                label = f"{tname} D={d} splits<={MAX_SPLITS} w={w}"
+                cases.append(CompileCase("decode_combine", _decode_combine_kernel, sig, consts, w, 1, label, True))
     return cases
