@@ -45,7 +45,10 @@ def _(x, bias):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-register_impl("bias_gelu", "triton")(bias_gelu_op)
+@register_impl("bias_gelu", "triton")
+def bias_gelu(x, bias):
+    """gelu_tanh(x + bias), fused in one kernel."""
+    return bias_gelu_op(x, bias)
 
 
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
