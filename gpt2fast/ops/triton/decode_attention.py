@@ -13,6 +13,8 @@ lengths), and the partial buffers are sized from those, so nothing depends on da
 Appending ``k_new``/``v_new``: every program that covers position ``seqlens[b]`` takes
 k_new/v_new from the arguments instead of the cache, so no program ever reads that slot,
 and exactly one program (the slice that owns the position) writes it into the cache.
+A length outside [0, T_max] (unchecked: ``check_seqlens=False`` or graph capture) is clamped into it, as the
+CUDA kernel does; a full cache (length T_max) is attended to whole and nothing is appended.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gpt2fast.ops.triton._tuning import (
     DECODE_SPLIT,
     decode_combine_config,
     decode_split_heuristic,
+    split_bucket,
 )
 
 #: Head dims the kernels are compiled for (the same as prefill attention).
@@ -54,14 +57,17 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_nb, stride_nh,
-    H, T_max, SPLIT_LEN, NUM_SPLITS,
+    H, T_max, SPLIT_LEN, NUM_SPLITS, SPLIT_BUCKET,
     HEAD_DIM: tl.constexpr, HAS_NEW: tl.constexpr, DIRECT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # SPLIT_BUCKET (the next power of two of SPLIT_LEN) is only an autotuning key.
     pid_bh = tl.program_id(0)  # B*H on grid dim 0 (up to 2**31 - 1; dims 1 and 2 stop at 65535)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    seqlen = tl.load(Seqlens + b)
+    # Clamped to [0, T_max] like the CUDA kernel: unchecked lengths (graph capture, check_seqlens=False) never
+    # index outside the cache; a length of T_max attends to the whole cache and appends nothing.
+    seqlen = tl.minimum(tl.maximum(tl.load(Seqlens + b), 0), T_max)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     k_base = Kc + b * stride_kb + h * stride_kh
@@ -133,10 +139,12 @@ def _decode_combine_kernel(Opart, Lse, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, SP
 # Autotuning runs the split kernel several times on the real arguments.  That is safe without
 # ``restore_value``: its only write to an input is the append, which stores k_new/v_new (never read
 # back in the launch) at seqlens[b], so every repeat writes the same values.  The key is fixed per
-# (B*H, T_max, dtype): no step re-tunes, and a CUDA graph captures an already-tuned launch.
+# (B*H, T_max, dtype): no step re-tunes, and a CUDA graph captures an already-tuned launch.  It holds the
+# bucket of the slice length, not the length: a cache that grows every step (patch_hf) re-tunes at most once
+# per doubling, not every granule mid-stream.
 _decode_split_tuned = triton.autotune(
     configs=DECODE_SPLIT.configs,
-    key=["SPLIT_LEN", "HEAD_DIM", "HAS_NEW", "DIRECT"],
+    key=["SPLIT_BUCKET", "HEAD_DIM", "HAS_NEW", "DIRECT"],
     prune_configs_by={"early_config_prune": DECODE_SPLIT.prune},
 )(_decode_split_kernel)
 
@@ -184,7 +192,7 @@ def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_spli
     args = (
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, opart, lse, scale,
         q.stride(0), q.stride(1), *k_cache.stride(), *v_cache.stride(), k_new.stride(0), k_new.stride(1),
-        H, t_max, split_len, splits,
+        H, t_max, split_len, splits, split_bucket(split_len),
     )  # fmt: skip
     consts = dict(HEAD_DIM=D, HAS_NEW=has_new, DIRECT=direct)
     launch(_decode_split_kernel, _decode_split_tuned, (B * H, splits), args, consts, decode_split_heuristic(D))
@@ -244,6 +252,7 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                         )
                         types = dict(Q=ptr, Kc=ptr, Vc=ptr, Knew=ptr, Vnew=ptr, Seqlens="*i32", O=ptr)
                         types.update(Opart="*fp32", Lse="*fp32", sm_scale="fp32", SPLIT_LEN="i32", NUM_SPLITS="i32")
+                        types.update(SPLIT_BUCKET="i32")
                         names = _decode_split_kernel.arg_names
                         types.update({n: "i32" for n in names if n.startswith("stride") or n in ("H", "T_max")})
                         sig = signature(
