@@ -206,6 +206,24 @@ def test_decode_autotune_key_changes_once_per_doubling(bh, monkeypatch):
         assert split_autotune_key(launches, bh, 513) != same[0]  # 640: the next bucket
 
 
+# ---- layer_norm: statistics of the shifted row ---------------------------------------------------------------
+@pytest.mark.parametrize("n", [768, 1600])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_huge_mean_tiny_spread_vs_fp64(n, residual):
+    # Rows of 1e4 + N(0, 1e-2) in fp32: unshifted fp32 statistics are off by ~0.15 after normalising (as is torch's
+    # fp32 CPU LayerNorm, so the baseline is the fp64 result rounded to fp32, a stricter bound than test_stress's).
+    g = torch.Generator().manual_seed(cf.SEED)
+    h = (1e4 + 1e-2 * torch.randn(3, n, generator=g, dtype=torch.float64)).float()
+    w, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    r = (1e-2 * torch.randn(3, n, generator=g)) if residual else None
+    x = h if r is None else h - r  # x + r rounds back to (about) h
+    x, w, b, r = (None if t is None else t.to(DEV) for t in (x, w, b, r))
+    out = triton_fn("layer_norm")(x, w, b, 1e-5, r)
+    y, h = out if residual else (out, x)
+    ref64 = torch.nn.functional.layer_norm(h.double(), (n,), w.double(), b.double(), 1e-5)
+    assert_fa_close(y, ref64, msg=f"layer_norm 1e4+N(0,1e-2) n={n} residual={residual}")
+
+
 # ---- torch.library registration ------------------------------------------------------------------------------
 def test_ops_trace_under_torch_compile():
     # aot_eager exercises the fake (meta) implementations and the declared cache mutation.  The backend functions
