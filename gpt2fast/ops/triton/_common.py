@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -104,7 +105,7 @@ class CompileCase:
     heuristic: bool = False  # the config used when autotuning is off (must fit on the device)
 
 
-def signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+def signature(fn: triton.JITFunction, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
     """Full signature of ``fn``: ``types`` for runtime args, ``"constexpr"`` for the constexprs, in order."""
     sig = {}
     for name in fn.arg_names:
@@ -117,7 +118,14 @@ def signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[
     return sig
 
 
-def launch(kernel, tuned, grid, args: tuple, consts: dict, config: triton.Config) -> None:
+def launch(
+    kernel: triton.JITFunction,
+    tuned: triton.runtime.Autotuner | None,
+    grid: tuple[int, ...] | Callable[[dict], tuple[int, ...]],
+    args: tuple,
+    consts: dict,
+    config: triton.Config,
+) -> None:
     """Launch ``kernel`` on ``grid``: through its autotuner ``tuned`` when autotuning is on,
     else with the deterministic heuristic ``config`` (also the interpreter's fixed config).
 

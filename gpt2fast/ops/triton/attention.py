@@ -121,7 +121,7 @@ _attention_tuned = triton.autotune(
 )(_attention_kernel)
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale) -> str | None:
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> str | None:
     """A head dim the kernel is built for, B and H within the grid limit, and strides whose per-(batch, head)
     offsets fit in int32 (any layout is followed otherwise, no copies)."""
     d = q.shape[-1]
@@ -140,7 +140,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
 
 
 @register_impl("attention", "triton", supports=supports)
-def attention(q, k, v, causal, scale):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
     """FlashAttention-2 style forward over [B, H, T, D] (head dims 32/64/128)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return attention_op(q, k, v, causal, scale)

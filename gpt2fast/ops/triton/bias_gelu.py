@@ -46,7 +46,7 @@ def _(x, bias):
 
 
 @register_impl("bias_gelu", "triton")
-def bias_gelu(x, bias):
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x + bias), fused in one kernel."""
     return bias_gelu_op(x, bias)
 

@@ -158,7 +158,15 @@ def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(t_max, split_len), split_len
 
 
-def supports(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> str | None:
+def supports(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    scale: float | None,
+) -> str | None:
     """A supported head dim, and cache strides whose offsets within one (batch, head) slice fit in int32.
     (Overlapping caches are rejected by the shared validation when appending.)"""
     d = q.shape[-1]
@@ -167,7 +175,16 @@ def supports(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> str | N
     return int32_span_reason("k_cache", k_cache, (2, 3)) or int32_span_reason("v_cache", v_cache, (2, 3))
 
 
-def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_splits: int | None = None) -> torch.Tensor:
+def run(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Launch the split (and combine) kernels; ``num_splits`` overrides :func:`split_plan` (tests)."""
     B, H, D = q.shape
     t_max = k_cache.shape[2]
@@ -222,7 +239,15 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
 
 
 @register_impl("decode_attention", "triton", supports=supports)
-def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
     """Flash-decoding against the cache, appending k_new/v_new at ``cache_seqlens[b]`` in the same launch."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)

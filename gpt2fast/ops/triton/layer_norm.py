@@ -94,7 +94,9 @@ def _(x, residual, weight, bias, eps):
     return y, torch.empty_like(y)
 
 
-def supports(x, weight, bias, eps, residual) -> str | None:
+def supports(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> str | None:
     """Rows up to :data:`MAX_N` wide (a row is held in registers)."""
     if x.shape[-1] > MAX_N:
         return f"triton layer_norm keeps a row in registers: N must be <= {MAX_N}, got {x.shape[-1]}"
@@ -102,7 +104,9 @@ def supports(x, weight, bias, eps, residual) -> str | None:
 
 
 @register_impl("layer_norm", "triton", supports=supports)
-def layer_norm(x, weight, bias, eps, residual):
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LN(x), or ``(LN(x + residual), x + residual)`` fused in one kernel."""
     if residual is None:
         return layer_norm_op(x, weight, bias, float(eps))
