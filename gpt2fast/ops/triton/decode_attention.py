@@ -158,17 +158,10 @@ def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(t_max, split_len), split_len
 
 
-def supports(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor | None,
-    v_new: torch.Tensor | None,
-    scale: float | None,
-) -> str | None:
-    """A supported head dim, and cache strides whose offsets within one (batch, head) slice fit in int32.
-    (Overlapping caches are rejected by the shared validation when appending.)"""
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *_: object) -> str | None:
+    """A supported head dim, and cache strides whose offsets within one (batch, head) slice fit in int32; the
+    op's other arguments are not read.  (Overlapping caches are rejected by the shared validation when
+    appending.)"""
     d = q.shape[-1]
     if d not in HEAD_DIMS:
         return f"triton decode_attention supports head dims {HEAD_DIMS}; got q with D={d}"
