@@ -399,6 +399,7 @@ def test_prune_drops_sm80_spills_and_keeps_sm90_gpt2_tiles(gpu_capability):
         assert pruned(attention, (9, 0), gpu_capability, dtype, 64) == list(_tuning.ATTENTION_HALF_TILES)
     assert (64, 2, 3) not in pruned(decode, (8, 0), gpu_capability, torch.float16, 128)
     assert (128, 4, 2) not in pruned(decode, (9, 0), gpu_capability, torch.float32, 128)
+    assert (64, 2, 3) not in pruned(decode, (9, 0), gpu_capability, torch.bfloat16, 128)  # since the clamp
     assert pruned(decode, (9, 0), gpu_capability, torch.float16, 64) == list(_tuning.DECODE_TILES)
 
 
