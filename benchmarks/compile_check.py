@@ -5,9 +5,10 @@ the whole pipeline down to a cubin with the ptxas Triton ships.  The kernels are
 registry: the module of every registered ``triton`` implementation lists the specialisations it can
 launch on each target (``compile_cases(full, arch)``): by default the heuristic config of every
 dtype / shape class plus every autotune config at GPT-2's own shape (a representative subset, to
-stay near a minute on two cores); ``--full`` compiles every combination.  The autotuners prune, per GPU generation, dtype and head dim, the configs
-that spill registers there, and ``compile_cases`` applies the same pruning for its target,
-so each target compiles exactly the configs a launch on that GPU could use.
+stay near a minute on two cores); ``--full`` compiles every combination.  The autotuners prune,
+per GPU generation, dtype and head dim, the configs that spill registers there (the tables in
+``gpt2fast/ops/triton/_tuning.py``), and ``compile_cases`` applies the same pruning for its
+target, so each target compiles exactly the configs a launch on that GPU could use.
 
 For each compiled kernel it reports registers per thread, spilled bytes (from the cubin's
 resource usage: local memory) and dynamic shared memory (Triton's metadata).  A compile
