@@ -1,13 +1,14 @@
 """Compile every Triton kernel of gpt2fast, offline, for Hopper (sm_90) and Ampere (sm_80).
 
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs
-the whole pipeline down to a cubin with the ptxas Triton ships.  Each kernel module lists the
-specialisations it can launch on each target (``compile_cases(full, arch)``): by default the
-heuristic config of every dtype / shape class plus every autotune config at GPT-2's own shape
-(a representative subset, to stay near a minute on two cores); ``--full`` compiles every
-combination.  The autotuners prune, per GPU generation, dtype and head dim, the configs
-that spill registers there, and ``compile_cases`` applies the same pruning for its target,
-so each target compiles exactly the configs a launch on that GPU could use.
+the whole pipeline down to a cubin with the ptxas Triton ships.  The kernels are found through the op
+registry: the module of every registered ``triton`` implementation lists the specialisations it can
+launch on each target (``compile_cases(full, arch)``): by default the heuristic config of every
+dtype / shape class plus every autotune config at GPT-2's own shape (a representative subset, to
+stay near a minute on two cores); ``--full`` compiles every combination.  The autotuners prune,
+per GPU generation, dtype and head dim, the configs that spill registers there (the tables in
+``gpt2fast/ops/triton/_tuning.py``), and ``compile_cases`` applies the same pruning for its
+target, so each target compiles exactly the configs a launch on that GPU could use.
 
 For each compiled kernel it reports registers per thread, spilled bytes (from the cubin's
 resource usage: local memory) and dynamic shared memory (Triton's metadata).  A compile
@@ -22,7 +23,6 @@ they are only listed).  Spills are printed as defects; ``--fail-on-spill`` makes
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import multiprocessing
 import os
@@ -33,6 +33,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's gpt2fast, installed or not
 os.environ.pop("TRITON_INTERPRET", None)  # compile real kernels, not interpreter stand-ins
@@ -42,10 +43,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from gpt2fast import ops
+from gpt2fast.ops._registry import get_impl
 from gpt2fast.ops.triton._common import CompileCase
 
-#: The modules (one per kernel) whose ``compile_cases`` are compiled.
-KERNEL_MODULES = [f"gpt2fast.ops.triton.{m}" for m in ("layer_norm", "bias_gelu", "attention", "decode_attention")]
+#: The backend whose kernels are compiled.
+BACKEND = "triton"
 
 #: Integer arguments (by name prefix) that are multiples of 16 in every GPT-2 launch.
 ALIGNED = ("stride", "N")
@@ -120,9 +123,28 @@ def compile_one(index: int) -> dict:
     return row
 
 
+def kernel_modules() -> list[ModuleType]:
+    """The modules of the registered ``triton`` implementations (one per op, in registry order, deduplicated).
+
+    Each must define ``compile_cases(full, arch)``; the rows are listed whether or not the backend can run on
+    this machine (the compile check needs no GPU)."""
+    modules: dict[str, ModuleType] = {}
+    for row in ops.implementations():
+        if row.backend == BACKEND:
+            name = get_impl(row.op, BACKEND).fn.__module__
+            modules.setdefault(name, sys.modules[name])
+    if not modules:
+        status = ops.backend_status(BACKEND)
+        raise RuntimeError(f"no {BACKEND} implementation is registered ({status.reason})")
+    for name, mod in modules.items():
+        if not callable(getattr(mod, "compile_cases", None)):
+            raise RuntimeError(f"{name} implements a {BACKEND} op but defines no compile_cases(full, arch)")
+    return list(modules.values())
+
+
 def cases(full: bool, cc: int) -> list[CompileCase]:
     """Every compile case of every kernel module for target ``cc`` (80 or 90)."""
-    return [c for mod in KERNEL_MODULES for c in importlib.import_module(mod).compile_cases(full, cc)]
+    return [c for mod in kernel_modules() for c in mod.compile_cases(full, cc)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@ implementation, so ``torch.compile`` traces through it and CUDA graphs capture i
 that it mutates the caches.  The shared checks already ran (``gpt2fast.ops.specs``); each module's
 ``supports`` adds only its own (head dims, int32-indexable strides, row widths), before any launch.
 
-Kernels autotune on the GPU unless ``GPT2FAST_AUTOTUNE=0`` (then a fixed heuristic config is used).  On CPU
+Kernels autotune on the GPU unless ``GPT2FAST_AUTOTUNE=0`` (then a fixed heuristic config is used); the
+configs of both, pruned per GPU generation so none spills registers, are in ``_tuning``.  On CPU
 they run only under Triton's interpreter (``TRITON_INTERPRET=1``, tests); "auto" picks this backend for CUDA
 tensors only, naming it runs it wherever it is available.
 """

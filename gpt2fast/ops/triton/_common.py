@@ -1,14 +1,13 @@
-"""Helpers shared by the Triton kernels: interpreter detection, launch-config policy, the
+"""Helpers shared by the Triton kernels: interpreter detection, the autotune switch and :func:`launch`, the
 upcasting switch, ``tanh`` built from ``tl.exp``, and the compile-case record used by
-``benchmarks/compile_check.py``.
-
-Nothing here launches a kernel.
+``benchmarks/compile_check.py``.  The configs themselves (tiles, spill sets, heuristics) are in ``_tuning``.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -49,23 +48,6 @@ def upcast_for_interpreter(dtype: torch.dtype) -> bool:
 def dot_precision(dtype: torch.dtype, upcast: bool) -> str:
     """``tl.dot`` input precision: full fp32 ("ieee") for fp32 operands, so fp32 is not silently tf32."""
     return "ieee" if dtype == torch.float32 or upcast else "tf32"
-
-
-#: Compile targets whose register-spill-free configs the kernels keep (measured by benchmarks/compile_check.py).
-SPILL_CHECKED_ARCHS = (80, 90)
-
-
-@functools.cache
-def tuning_arch(device: torch.device) -> int:
-    """The target (80 or 90) whose spill-free config lists a launch on ``device`` uses.
-
-    sm_8x maps to 80 and sm_90 or newer to 90 (only sm_80 and sm_90 are compile-checked); a device
-    that is not a GPU (interpreter, CPU tests) maps to 90, like :func:`num_sms`.
-    """
-    if device.type != "cuda":
-        return 90
-    major, _minor = torch.cuda.get_device_capability(device)
-    return 80 if major < 9 else 90
 
 
 @functools.cache
@@ -123,7 +105,7 @@ class CompileCase:
     heuristic: bool = False  # the config used when autotuning is off (must fit on the device)
 
 
-def signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+def signature(fn: triton.JITFunction, types: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
     """Full signature of ``fn``: ``types`` for runtime args, ``"constexpr"`` for the constexprs, in order."""
     sig = {}
     for name in fn.arg_names:
@@ -136,7 +118,14 @@ def signature(fn, types: dict[str, str], constexprs: dict[str, object]) -> dict[
     return sig
 
 
-def launch(kernel, tuned, grid, args: tuple, consts: dict, config: triton.Config) -> None:
+def launch(
+    kernel: triton.JITFunction,
+    tuned: triton.runtime.Autotuner | None,
+    grid: tuple[int, ...] | Callable[[dict], tuple[int, ...]],
+    args: tuple,
+    consts: dict,
+    config: triton.Config,
+) -> None:
     """Launch ``kernel`` on ``grid``: through its autotuner ``tuned`` when autotuning is on,
     else with the deterministic heuristic ``config`` (also the interpreter's fixed config).
 

@@ -21,61 +21,17 @@ from gpt2fast.ops.triton._common import (
     CompileCase,
     dot_precision,
     int32_span_reason,
-    interpreting,
     launch,
     next_pow2,
     signature,
-    tuning_arch,
     upcast_for_interpreter,
 )
+from gpt2fast.ops.triton._tuning import ATTENTION, attention_heuristic, tuning_arch
 
 #: Head dims the kernel is compiled for.
 HEAD_DIMS = (32, 64, 128)
 #: CUDA's limit on grid dims 1 and 2, which carry H and B.
 MAX_GRID_YZ = 65535
-
-
-#: Autotuned (BLOCK_M, BLOCK_N, warps, stages) for fp16/bf16 (tensor-core dots) and for fp32 (FMA dots, far
-#: more registers); fp16/bf16 at D=128 on sm_80 has its own list, as every tile of the default one spills there.
-_HALF_TILES = ((128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2))
-_HALF_TILES_SM80_D128 = ((128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3))
-_FP32_TILES = ((32, 32, 8, 2), (64, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2))
-#: Tiles left out per (target, head dim) because they spill registers there under triton 3.9 or 3.6
-#: (benchmarks/compile_check.py --full; fp32 16x16 spills on sm_90 only under 3.6).
-_SPILLS = {
-    (90, 128): {(128, 64, 4, 3), (128, 32, 4, 3), (32, 32, 8, 2), (64, 32, 8, 2), (16, 16, 4, 2)},
-    (80, 128): {(64, 32, 8, 2)},
-    (80, 64): {(128, 64, 4, 3)},
-    (80, 32): {(128, 32, 4, 3)},
-}
-
-
-def tiles(dtype: torch.dtype, head_dim: int, arch: int = 90) -> list[tuple[int, int, int, int]]:
-    """The tiles autotuning tries for this dtype and head dim on target ``arch`` (80 or 90, see
-    :func:`~gpt2fast.ops.triton._common.tuning_arch`): none of them spills registers there."""
-    if dtype == torch.float32:
-        cands = _FP32_TILES
-    else:
-        cands = _HALF_TILES_SM80_D128 if (arch, head_dim) == (80, 128) else _HALF_TILES
-    spills = _SPILLS.get((arch, head_dim), set())
-    return [t for t in cands if t not in spills]
-
-
-def _tile(cfg: triton.Config) -> tuple[int, int, int, int]:
-    return cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-
-
-def _prune(configs, named_args, **kwargs):
-    """Autotuner hook: keep the tiles of :func:`tiles` for this launch's dtype, head dim and GPU."""
-    q = named_args["Q"]
-    keep = tiles(q.dtype, kwargs["HEAD_DIM"], tuning_arch(q.device))
-    return [c for c in configs if _tile(c) in keep]
-
-
-_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-    for m, n, w, s in dict.fromkeys(_HALF_TILES + _HALF_TILES_SM80_D128 + _FP32_TILES)
-]
 
 
 @triton.jit
@@ -159,27 +115,13 @@ def _attention_kernel(
 
 
 _attention_tuned = triton.autotune(
-    configs=_CONFIGS, key=["T_BUCKET", "HEAD_DIM", "CAUSAL"], prune_configs_by={"early_config_prune": _prune}
+    configs=ATTENTION.configs,
+    key=["T_BUCKET", "HEAD_DIM", "CAUSAL"],
+    prune_configs_by={"early_config_prune": ATTENTION.prune},
 )(_attention_kernel)
 
 
-def heuristic_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> triton.Config:
-    """Tiles that compile without register spills on target ``arch`` (see benchmarks/compile_check.py):
-    128x64 with 8 warps for fp16/bf16 at D <= 64; at D=128 64x32 with 4 warps on sm_90 and 128x32 with
-    8 warps on sm_80 (where 64x32 with 4 warps spills, non-causal); for fp32 (FMA, not tensor-core, dots)
-    32x32 with 8 warps, 32x16 at D=128; 64x32 in the interpreter."""
-    if interpreting():
-        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 16 if head_dim == 128 else 32}, num_warps=8, num_stages=2)
-    if head_dim == 128 and arch == 80:
-        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2)
-    if head_dim == 128:
-        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
-    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
-
-
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale) -> str | None:
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> str | None:
     """A head dim the kernel is built for, B and H within the grid limit, and strides whose per-(batch, head)
     offsets fit in int32 (any layout is followed otherwise, no copies)."""
     d = q.shape[-1]
@@ -198,7 +140,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
 
 
 @register_impl("attention", "triton", supports=supports)
-def attention(q, k, v, causal, scale):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
     """FlashAttention-2 style forward over [B, H, T, D] (head dims 32/64/128)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return attention_op(q, k, v, causal, scale)
@@ -213,7 +155,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     args = (q, k, v, o, scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, next_pow2(T))
     consts = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast, PREC=dot_precision(q.dtype, upcast))
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)
-    heur = heuristic_config(D, q.dtype, tuning_arch(q.device))
+    heur = attention_heuristic(D, q.dtype, tuning_arch(q.device))
     launch(_attention_kernel, _attention_tuned, grid, args, consts, heur)
     return o
 
@@ -237,12 +179,9 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                 ptr = "*" + tname
                 unit = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
                 consts = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=False, PREC=dot_precision(dtype, False), **unit)
-                heur = heuristic_config(d, dtype, arch)
+                heur = attention_heuristic(d, dtype, arch)
                 every = full or (dtype == torch.float16 and d == 64 and causal)
-                configs = [c for c in _CONFIGS if _tile(c) in tiles(dtype, d, arch)]
-                if _tile(heur) not in map(_tile, configs):
-                    configs.append(heur)
-                for cfg in configs if every else [heur]:
+                for cfg in ATTENTION.launchable(dtype, d, arch, heur) if every else [heur]:
                     c = {**consts, **cfg.kwargs}
                     types = dict(Q=ptr, K=ptr, V=ptr, O=ptr, sm_scale="fp32")
                     names = _attention_kernel.arg_names
@@ -251,6 +190,6 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                     w, s = cfg.num_warps, cfg.num_stages
                     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
                     label = f"{tname} D={d} causal={int(causal)} {bm}x{bn} w={w} s={s}"
-                    is_heur = _tile(cfg) == _tile(heur)
+                    is_heur = ATTENTION.tile(cfg) == ATTENTION.tile(heur)
                     cases.append(CompileCase("attention", _attention_kernel, sig, c, w, s, label, is_heur))
     return cases

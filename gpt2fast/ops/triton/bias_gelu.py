@@ -11,9 +11,8 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops._registry import register_impl
-from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, signature, tanh
-
-_CONFIGS = [triton.Config({"BLOCK_N": b}, num_warps=w, num_stages=1) for b in (512, 1024, 2048) for w in (4, 8)]
+from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, launch, signature, tanh
+from gpt2fast.ops.triton._tuning import BIAS_GELU_CONFIGS, bias_gelu_heuristic
 
 
 @triton.jit
@@ -27,14 +26,7 @@ def _bias_gelu_kernel(X, Bias, Y, N, BLOCK_N: tl.constexpr):
     tl.store(Y + row + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-_bias_gelu_tuned = triton.autotune(configs=_CONFIGS, key=["N"])(_bias_gelu_kernel)
-
-
-def heuristic_config(n: int) -> triton.Config:
-    """1024 columns and 4 warps per program (a whole row at once under the interpreter)."""
-    if interpreting():
-        return triton.Config({"BLOCK_N": min(next_pow2(n), 8192)}, num_warps=1, num_stages=1)
-    return triton.Config({"BLOCK_N": min(next_pow2(n), 1024)}, num_warps=4, num_stages=1)
+_bias_gelu_tuned = triton.autotune(configs=BIAS_GELU_CONFIGS, key=["N"])(_bias_gelu_kernel)
 
 
 @torch.library.custom_op("gpt2fast_triton::bias_gelu", mutates_args=())
@@ -44,7 +36,7 @@ def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = lambda meta: (x.numel() // n, triton.cdiv(n, meta["BLOCK_N"]))
-    launch(_bias_gelu_kernel, _bias_gelu_tuned, grid, (x, bias.contiguous(), y, n), {}, heuristic_config(n))
+    launch(_bias_gelu_kernel, _bias_gelu_tuned, grid, (x, bias.contiguous(), y, n), {}, bias_gelu_heuristic(n))
     return y
 
 
@@ -53,17 +45,20 @@ def _(x, bias):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-register_impl("bias_gelu", "triton")(bias_gelu_op)
+@register_impl("bias_gelu", "triton")
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x + bias), fused in one kernel."""
+    return bias_gelu_op(x, bias)
 
 
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
     """Every config (block x warps) for fp16, the heuristic one for fp32/bf16 (all if ``full``); the same
     on every target ``arch`` (no config spills).  The kernel does not specialise on N."""
     cases = []
-    heur = heuristic_config(4 * 768)
+    heur = bias_gelu_heuristic(4 * 768)
     for tname in TL_DTYPE.values():
         ptr = "*" + tname
-        for cfg in _CONFIGS if full or tname == "fp16" else [heur]:
+        for cfg in BIAS_GELU_CONFIGS if full or tname == "fp16" else [heur]:
             consts = dict(cfg.kwargs)
             sig = signature(_bias_gelu_kernel, dict(X=ptr, Bias=ptr, Y=ptr, N="i32"), consts)
             is_heur = cfg.kwargs == heur.kwargs and cfg.num_warps == heur.num_warps

@@ -13,6 +13,8 @@ lengths), and the partial buffers are sized from those, so nothing depends on da
 Appending ``k_new``/``v_new``: every program that covers position ``seqlens[b]`` takes
 k_new/v_new from the arguments instead of the cache, so no program ever reads that slot,
 and exactly one program (the slice that owns the position) writes it into the cache.
+A length outside [0, T_max] (unchecked: ``check_seqlens=False`` or graph capture) is clamped into it, as the
+CUDA kernel does; a full cache (length T_max) is attended to whole and nothing is appended.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from gpt2fast.ops.triton._common import (
     next_pow2,
     num_sms,
     signature,
-    tuning_arch,
+)
+from gpt2fast.ops.triton._tuning import (
+    DECODE_COMBINE_WARPS,
+    DECODE_SPLIT,
+    decode_combine_config,
+    decode_split_heuristic,
+    split_bucket,
 )
 
 #: Head dims the kernels are compiled for (the same as prefill attention).
@@ -42,38 +50,6 @@ SPLIT_GRANULE = 128
 MAX_SPLITS = 64
 
 
-#: Autotuned (BLOCK_N, warps, stages) of the split kernel.
-_TILES = ((32, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (64, 2, 3))
-#: Tiles left out per (target, head dim, fp32?) because they spill registers there under triton 3.9 (when
-#: appending) or 3.6 (sm_80 fp32 D=64 BLOCK_N=128 without append); see benchmarks/compile_check.py --full.
-_SPILLS = {
-    (90, 128, True): {(128, 4, 2), (64, 2, 3)},
-    (80, 128, True): {(128, 4, 2), (64, 2, 3)},
-    (80, 128, False): {(64, 2, 3)},
-    (80, 64, True): {(128, 4, 2)},
-}
-
-_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in _TILES]
-
-
-def tiles(dtype: torch.dtype, head_dim: int, arch: int = 90) -> list[tuple[int, int, int]]:
-    """The split-kernel tiles autotuning tries for this dtype and head dim on target ``arch`` (80 or 90,
-    see :func:`~gpt2fast.ops.triton._common.tuning_arch`): none of them spills registers there."""
-    spills = _SPILLS.get((arch, head_dim, dtype == torch.float32), set())
-    return [t for t in _TILES if t not in spills]
-
-
-def _tile(cfg: triton.Config) -> tuple[int, int, int]:
-    return cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-
-
-def _prune(configs, named_args, **kwargs):
-    """Autotuner hook: keep the tiles of :func:`tiles` for this launch's dtype, head dim and GPU."""
-    q = named_args["Q"]
-    keep = tiles(q.dtype, kwargs["HEAD_DIM"], tuning_arch(q.device))
-    return [c for c in configs if _tile(c) in keep]
-
-
 @triton.jit
 def _decode_split_kernel(
     Q, Kc, Vc, Knew, Vnew, Seqlens, O, Opart, Lse, sm_scale,
@@ -81,14 +57,17 @@ def _decode_split_kernel(
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_nb, stride_nh,
-    H, T_max, SPLIT_LEN, NUM_SPLITS,
+    H, T_max, SPLIT_LEN, NUM_SPLITS, SPLIT_BUCKET,
     HEAD_DIM: tl.constexpr, HAS_NEW: tl.constexpr, DIRECT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # SPLIT_BUCKET (the next power of two of SPLIT_LEN) is only an autotuning key.
     pid_bh = tl.program_id(0)  # B*H on grid dim 0 (up to 2**31 - 1; dims 1 and 2 stop at 65535)
     split = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    seqlen = tl.load(Seqlens + b)
+    # Clamped to [0, T_max] like the CUDA kernel: unchecked lengths (graph capture, check_seqlens=False) never
+    # index outside the cache; a length of T_max attends to the whole cache and appends nothing.
+    seqlen = tl.minimum(tl.maximum(tl.load(Seqlens + b), 0), T_max)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     k_base = Kc + b * stride_kb + h * stride_kh
@@ -160,20 +139,14 @@ def _decode_combine_kernel(Opart, Lse, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, SP
 # Autotuning runs the split kernel several times on the real arguments.  That is safe without
 # ``restore_value``: its only write to an input is the append, which stores k_new/v_new (never read
 # back in the launch) at seqlens[b], so every repeat writes the same values.  The key is fixed per
-# (B*H, T_max, dtype): no step re-tunes, and a CUDA graph captures an already-tuned launch.
+# (B*H, T_max, dtype): no step re-tunes, and a CUDA graph captures an already-tuned launch.  It holds the
+# bucket of the slice length, not the length: a cache that grows every step (patch_hf) re-tunes at most once
+# per doubling, not every granule mid-stream.
 _decode_split_tuned = triton.autotune(
-    configs=_CONFIGS,
-    key=["SPLIT_LEN", "HEAD_DIM", "HAS_NEW", "DIRECT"],
-    prune_configs_by={"early_config_prune": _prune},
+    configs=DECODE_SPLIT.configs,
+    key=["SPLIT_BUCKET", "HEAD_DIM", "HAS_NEW", "DIRECT"],
+    prune_configs_by={"early_config_prune": DECODE_SPLIT.prune},
 )(_decode_split_kernel)
-
-
-def heuristic_config(head_dim: int) -> triton.Config:
-    """64 positions per step, 4 warps (no spills at any dtype and head dim on sm_80 and sm_90); 16 positions
-    under the interpreter (small test caches)."""
-    if interpreting():
-        return triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)
-    return triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)
 
 
 def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
@@ -185,16 +158,26 @@ def split_plan(bh: int, t_max: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(t_max, split_len), split_len
 
 
-def supports(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> str | None:
-    """A supported head dim, and cache strides whose offsets within one (batch, head) slice fit in int32.
-    (Overlapping caches are rejected by the shared validation when appending.)"""
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *_: object) -> str | None:
+    """A supported head dim, and cache strides whose offsets within one (batch, head) slice fit in int32; the
+    op's other arguments are not read.  (Overlapping caches are rejected by the shared validation when
+    appending.)"""
     d = q.shape[-1]
     if d not in HEAD_DIMS:
         return f"triton decode_attention supports head dims {HEAD_DIMS}; got q with D={d}"
     return int32_span_reason("k_cache", k_cache, (2, 3)) or int32_span_reason("v_cache", v_cache, (2, 3))
 
 
-def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_splits: int | None = None) -> torch.Tensor:
+def run(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Launch the split (and combine) kernels; ``num_splits`` overrides :func:`split_plan` (tests)."""
     B, H, D = q.shape
     t_max = k_cache.shape[2]
@@ -219,14 +202,13 @@ def run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale: float, num_spli
     args = (
         q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, opart, lse, scale,
         q.stride(0), q.stride(1), *k_cache.stride(), *v_cache.stride(), k_new.stride(0), k_new.stride(1),
-        H, t_max, split_len, splits,
+        H, t_max, split_len, splits, split_bucket(split_len),
     )  # fmt: skip
     consts = dict(HEAD_DIM=D, HAS_NEW=has_new, DIRECT=direct)
-    launch(_decode_split_kernel, _decode_split_tuned, (B * H, splits), args, consts, heuristic_config(D))
+    launch(_decode_split_kernel, _decode_split_tuned, (B * H, splits), args, consts, decode_split_heuristic(D))
     if not direct:
-        cfg = triton.Config({}, num_warps=1 if interpreting() else 4, num_stages=1)
         consts = dict(HEAD_DIM=D, SPLITS_POW2=next_pow2(splits))
-        launch(_decode_combine_kernel, None, (B * H,), (opart, lse, out, splits), consts, cfg)
+        launch(_decode_combine_kernel, None, (B * H,), (opart, lse, out, splits), consts, decode_combine_config())
     return out
 
 
@@ -250,7 +232,15 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
 
 
 @register_impl("decode_attention", "triton", supports=supports)
-def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
     """Flash-decoding against the cache, appending k_new/v_new at ``cache_seqlens[b]`` in the same launch."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
@@ -267,10 +257,8 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
         ptr = "*" + tname
         for d in HEAD_DIMS:
             gpt2 = dtype == torch.float16 and d == 64
-            heur = heuristic_config(d)
-            launchable = [c for c in _CONFIGS if _tile(c) in tiles(dtype, d, arch)]
-            if _tile(heur) not in map(_tile, launchable):
-                launchable.append(heur)
+            heur = decode_split_heuristic(d)
+            launchable = DECODE_SPLIT.launchable(dtype, d, arch, heur)
             for has_new in (True, False):
                 for direct in (False, True):
                     if not (full or (has_new and not direct) or gpt2):
@@ -282,13 +270,14 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                         )
                         types = dict(Q=ptr, Kc=ptr, Vc=ptr, Knew=ptr, Vnew=ptr, Seqlens="*i32", O=ptr)
                         types.update(Opart="*fp32", Lse="*fp32", sm_scale="fp32", SPLIT_LEN="i32", NUM_SPLITS="i32")
+                        types.update(SPLIT_BUCKET="i32")
                         names = _decode_split_kernel.arg_names
                         types.update({n: "i32" for n in names if n.startswith("stride") or n in ("H", "T_max")})
                         sig = signature(
                             _decode_split_kernel, {k: v for k, v in types.items() if k not in consts}, consts
                         )
-                        bn, w, s = _tile(cfg)
-                        is_heur = _tile(cfg) == _tile(heur)
+                        bn, w, s = DECODE_SPLIT.tile(cfg)
+                        is_heur = DECODE_SPLIT.tile(cfg) == DECODE_SPLIT.tile(heur)
                         label = f"{tname} D={d} new={int(has_new)} direct={int(direct)} BLOCK_N={bn} w={w} s={s}"
                         case = CompileCase("decode_split", _decode_split_kernel, sig, consts, w, s, label, is_heur)
                         cases.append(case)
@@ -296,6 +285,7 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                 consts = dict(HEAD_DIM=d, SPLITS_POW2=MAX_SPLITS)
                 types = dict(Opart="*fp32", Lse="*fp32", O=ptr, NUM_SPLITS="i32")
                 sig = signature(_decode_combine_kernel, types, consts)
-                label = f"{tname} D={d} splits<={MAX_SPLITS} w=4"
-                cases.append(CompileCase("decode_combine", _decode_combine_kernel, sig, consts, 4, 1, label, True))
+                w = DECODE_COMBINE_WARPS
+                label = f"{tname} D={d} splits<={MAX_SPLITS} w={w}"
+                cases.append(CompileCase("decode_combine", _decode_combine_kernel, sig, consts, w, 1, label, True))
     return cases

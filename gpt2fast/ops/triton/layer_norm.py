@@ -15,12 +15,11 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops._registry import register_impl
-from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, interpreting, launch, next_pow2, signature
+from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, launch, next_pow2, signature
+from gpt2fast.ops.triton._tuning import LAYER_NORM_CONFIGS, layer_norm_heuristic
 
 #: Longest row one program holds in registers (fp32): beyond this it would spill.
 MAX_N = 16384
-
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8, 16)]
 
 
 @triton.jit
@@ -45,13 +44,7 @@ def _layer_norm_kernel(X, R, W, B, Y, H, N, eps, HAS_RESIDUAL: tl.constexpr, BLO
     tl.store(Y + row + cols, (diff * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
 
 
-_layer_norm_tuned = triton.autotune(configs=_CONFIGS, key=["N", "HAS_RESIDUAL"])(_layer_norm_kernel)
-
-
-def heuristic_config(n: int) -> triton.Config:
-    """Warps grow with the row so each thread holds ~8 fp32 values."""
-    block = next_pow2(n)
-    return triton.Config({}, num_warps=1 if interpreting() else min(max(block // 256, 1), 16), num_stages=1)
+_layer_norm_tuned = triton.autotune(configs=LAYER_NORM_CONFIGS, key=["N", "HAS_RESIDUAL"])(_layer_norm_kernel)
 
 
 def _launch(x: torch.Tensor, residual, weight, bias, eps: float, y: torch.Tensor, h) -> None:
@@ -68,7 +61,7 @@ def _launch(x: torch.Tensor, residual, weight, bias, eps: float, y: torch.Tensor
         eps,
     )
     consts = dict(HAS_RESIDUAL=residual is not None, BLOCK_N=next_pow2(n))
-    launch(_layer_norm_kernel, _layer_norm_tuned, (x.numel() // n,), args, consts, heuristic_config(n))
+    launch(_layer_norm_kernel, _layer_norm_tuned, (x.numel() // n,), args, consts, layer_norm_heuristic(n))
 
 
 @torch.library.custom_op("gpt2fast_triton::layer_norm", mutates_args=())
@@ -101,7 +94,9 @@ def _(x, residual, weight, bias, eps):
     return y, torch.empty_like(y)
 
 
-def supports(x, weight, bias, eps, residual) -> str | None:
+def supports(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> str | None:
     """Rows up to :data:`MAX_N` wide (a row is held in registers)."""
     if x.shape[-1] > MAX_N:
         return f"triton layer_norm keeps a row in registers: N must be <= {MAX_N}, got {x.shape[-1]}"
@@ -109,7 +104,9 @@ def supports(x, weight, bias, eps, residual) -> str | None:
 
 
 @register_impl("layer_norm", "triton", supports=supports)
-def layer_norm(x, weight, bias, eps, residual):
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LN(x), or ``(LN(x + residual), x + residual)`` fused in one kernel."""
     if residual is None:
         return layer_norm_op(x, weight, bias, float(eps))
@@ -130,9 +127,9 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                 consts = dict(HAS_RESIDUAL=has_res, BLOCK_N=next_pow2(n))
                 types = dict(X=ptr, R=ptr, W=ptr, B=ptr, Y=ptr, H=ptr, N="i32", eps="fp32")
                 sig = signature(_layer_norm_kernel, types, consts)
-                heur = heuristic_config(n)
+                heur = layer_norm_heuristic(n)
                 every = full or (dtype == torch.float16 and n == 1600 and has_res)
-                for cfg in _CONFIGS if every else [heur]:
+                for cfg in LAYER_NORM_CONFIGS if every else [heur]:
                     label = f"{tname} N={n} res={int(has_res)} warps={cfg.num_warps}"
                     is_heur = cfg.num_warps == heur.num_warps
                     cases.append(
