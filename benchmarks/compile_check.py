@@ -131,7 +131,7 @@ def kernel_modules() -> list[ModuleType]:
     modules: dict[str, ModuleType] = {}
     for row in ops.implementations():
         if row.backend == BACKEND:
-            name = get_impl(row.op, BACKEND).fn.__module__
+            name = get_impl(row.op, BACKEND).module
             modules.setdefault(name, sys.modules[name])
     if not modules:
         status = ops.backend_status(BACKEND)

@@ -257,7 +257,7 @@ def test_opcheck(name):
     q, kc, vc, sl, kn, vn = (inputs[a] for a in DECODE.args[:-1])
     args = {
         "layer_norm": (x, w, b, 1e-5),
-        "add_layer_norm": (x, x.clone(), w, b, 1e-5),
+        "add_layer_norm": (x, w, b, 1e-5, x.clone()),
         "bias_gelu": (x, b),
         "attention": (kc, kc.clone(), vc, True, 0.25),
         "decode_attention": (q, kc, vc, sl, kn, vn, 0.25),

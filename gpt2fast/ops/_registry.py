@@ -72,6 +72,7 @@ class Impl:
     fn: Callable
     supports: Callable[..., str | None] | None = None
     differentiable: bool = False  # gradients flow through fn (reference: torch autograd; kernels: their backward)
+    module: str | None = None  # the module that registered it (e.g. the kernel module, for the compile check)
 
     def declines(self, args: tuple) -> str | None:
         """Why this implementation cannot run ``args``: an input that needs a gradient it cannot give, or its
@@ -224,7 +225,9 @@ def register_op(spec: OpSpec) -> None:
     if spec.name in _backends or spec.name in (AUTO,) or not spec.name.isidentifier():
         raise ValueError(f"bad op name {spec.name!r}")
     _specs[spec.name] = spec
-    _impls[(spec.name, REFERENCE)] = Impl(spec.name, REFERENCE, spec.reference, differentiable=True)
+    _impls[(spec.name, REFERENCE)] = Impl(
+        spec.name, REFERENCE, spec.reference, differentiable=True, module=spec.reference.__module__
+    )
     ops_module = sys.modules.get("gpt2fast.ops")
     if ops_module is not None:
         setattr(ops_module, spec.name, spec.op)
@@ -271,12 +274,13 @@ def register_impl(
     if backend not in _backends:
         raise ValueError(f"register_backend({backend!r}, ...) before registering its implementations")
     spec = get_spec(op)
+    module = sys._getframe(1).f_globals.get("__name__")  # the registering module (the fn may be a custom op)
 
     def decorate(fn: Callable) -> Callable:
         _check_arity(spec, fn, "implementation")
         if supports is not None:
             _check_arity(spec, supports, "supports predicate")
-        _impls[(op, backend)] = Impl(op, backend, fn, supports, differentiable)
+        _impls[(op, backend)] = Impl(op, backend, fn, supports, differentiable, module)
         clear_cache()
         return fn
 

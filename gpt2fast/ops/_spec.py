@@ -76,6 +76,28 @@ class Traffic:
     extra: dict = field(default_factory=dict)  # more figures, e.g. the KV-cache bytes of decode
 
 
+#: Rows of the row-wise ops' (layer_norm, bias_gelu) benchmark sweeps.
+BENCH_ROWS = {
+    "full": [1, 64, 512, 2048, 8192, 16384, 32768, 65536],
+    "quick": [1, 1024, 16384, 65536],
+    "cpu": [1, 7, 64],
+}
+
+
+def row_cases(op: str, sweep: str, widths: dict[str, list[int]], **flags: list) -> list[BenchCase]:
+    """A row-wise op's cases: every width of ``widths[sweep]`` x every combination of ``flags`` (name -> values,
+    e.g. ``residual=[False, True]``, each a plot line) x :data:`BENCH_ROWS` rows; the targets are >= 16k rows."""
+    combos = [{}]
+    for name, values in flags.items():
+        combos = [{**c, name: v} for c in combos for v in values]
+    cases = []
+    for n in widths[sweep]:
+        for combo in combos:
+            group = " ".join([f"N={n}", *(f"+{k}" for k, v in combo.items() if v)])
+            cases += [BenchCase(op, dict(rows=r, n=n, **combo), "rows", group, r >= 16384) for r in BENCH_ROWS[sweep]]
+    return cases
+
+
 def _no_cases(sweep: str) -> list[BenchCase]:
     return []
 

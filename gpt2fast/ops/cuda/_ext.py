@@ -290,9 +290,23 @@ def current_stream(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def launch(kernel: str, device: int, **fields: object) -> None:
-    """Call entry point ``_C.<kernel>`` under CUDA device ``device`` on its current stream, with a parameter struct
-    holding ``fields`` plus that stream and device."""
+def launch(
+    kernel: str,
+    device: int,
+    dtype_of: torch.Tensor,
+    tensors: dict[str, torch.Tensor | None],
+    strided: dict[str, torch.Tensor | None] | None = None,
+    **fields: object,
+) -> None:
+    """Call entry point ``_C.<kernel>`` under CUDA device ``device`` on its current stream.
+
+    Its parameter struct gets the dtype code of ``dtype_of``, the data pointer of every tensor in ``tensors``
+    and ``strided`` under its name (0 for None), for ``strided`` ones also ``<name>_strides``, then ``fields``,
+    the stream and the device."""
+    for name, t in (strided or {}).items():
+        tensors = {**tensors, name: t}
+        fields[f"{name}_strides"] = strides(t)
+    fields.update({name: ptr(t) for name, t in tensors.items()})
     with device_guard(device):
-        params = make_params(kernel, **fields, stream=current_stream(device), device=device)
+        params = make_params(kernel, dtype=dtype_code(dtype_of), **fields, stream=current_stream(device), device=device)
         getattr(ext(), kernel)(params)

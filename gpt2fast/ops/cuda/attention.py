@@ -14,7 +14,7 @@ from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.cuda import _ext
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> str | None:
+def supports(q, k, v, causal, scale) -> str | None:
     """A supported head dim, 16-byte aligned strides, B/H within the grid, T within int32 position math and a
     scale that fp32 represents."""
     d = q.shape[-1]
@@ -37,24 +37,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
     _ext.check_ptr(q=q, k=k, v=v)
     b, h, t, d = q.shape
     out = _ext.new_like(q)
-    _ext.launch(
-        "attention",
-        device,
-        dtype=_ext.dtype_code(q),
-        q=_ext.ptr(q),
-        q_strides=_ext.strides(q),
-        k=_ext.ptr(k),
-        k_strides=_ext.strides(k),
-        v=_ext.ptr(v),
-        v_strides=_ext.strides(v),
-        out=_ext.ptr(out),
-        batch=b,
-        heads=h,
-        seqlen=t,
-        head_dim=d,
-        causal=bool(causal),
-        scale=float(scale),
-    )
+    sizes = dict(batch=b, heads=h, seqlen=t, head_dim=d)
+    _ext.launch("attention", device, q, dict(out=out), dict(q=q, k=k, v=v), **sizes, causal=causal, scale=scale)
     return out
 
 
@@ -64,6 +48,6 @@ def _(q, k, v, causal, scale):
 
 
 @register_impl("attention", "cuda", supports=supports)
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
+def attention(q, k, v, causal, scale) -> torch.Tensor:
     """Softmax attention over ``[B, H, T, D]`` (D in 32/64/128), causal or full; ``scale`` None is 1/sqrt(D)."""
-    return attention_op(q, k, v, bool(causal), _ext.default_scale(q.shape[-1], scale))
+    return attention_op(q, k, v, causal, _ext.default_scale(q.shape[-1], scale))

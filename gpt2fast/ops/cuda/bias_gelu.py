@@ -23,17 +23,8 @@ def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     device = _ext.check_device(x=x, bias=bias)
     x2, xs = _ext.rows_view("x", x)
     y = _ext.new_like(x)
-    _ext.launch(
-        "bias_gelu",
-        device,
-        dtype=_ext.dtype_code(x),
-        x=_ext.ptr(x2),
-        x_row_stride=xs,
-        bias=_ext.ptr(bias),
-        y=_ext.ptr(y),
-        rows=x2.shape[0],
-        n=x2.shape[1],
-    )
+    tensors = dict(x=x2, bias=bias, y=y)
+    _ext.launch("bias_gelu", device, x, tensors, x_row_stride=xs, rows=x2.shape[0], n=x2.shape[1])
     return y
 
 
@@ -42,7 +33,5 @@ def _(x, bias):
     return _ext.new_like(x)
 
 
-@register_impl("bias_gelu", "cuda", supports=supports)
-def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(x + bias), computed in fp32."""
-    return bias_gelu_op(x, bias)
+#: The registered implementation (the custom op itself).
+bias_gelu = register_impl("bias_gelu", "cuda", supports=supports)(bias_gelu_op)

@@ -14,6 +14,7 @@ import torch
 
 from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.cuda import _ext
+from gpt2fast.ops.specs import decode_attention as spec
 
 #: Most KV splits a call uses.
 MAX_SPLITS = 64
@@ -31,15 +32,7 @@ def choose_splits(batch_heads: int, t_max: int, num_sms: int) -> int:
     return math.ceil(t_max / chunk)
 
 
-def supports(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor | None,
-    v_new: torch.Tensor | None,
-    scale: float | None,
-) -> str | None:
+def supports(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> str | None:
     """A supported head dim, 16-byte aligned strides, a contiguous ``cache_seqlens``, B/H (and B·H) within the
     grids, T_max within int32 position math and a scale that fp32 represents."""
     b, h, d = q.shape
@@ -64,16 +57,8 @@ def supports(
     return _ext.seq_reason("T_max", k_cache.shape[2]) or _ext.fp32_param_reason("scale", _ext.default_scale(d, scale))
 
 
-@torch.library.custom_op("gpt2fast::cuda_decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor | None,
-    v_new: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+@torch.library.custom_op("gpt2fast::cuda_decode_attention", mutates_args=spec.MUTATES, schema=spec.SCHEMA)
+def decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     """Split-KV decode attention ([B, H, D] output); appends ``k_new``/``v_new`` to the caches when given."""
     device = _ext.check_device(
         q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new
@@ -87,31 +72,10 @@ def decode_attention_op(
     if splits > 1:  # sized by B, H, D and the split count only: graph-capture safe
         o_part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
-    _ext.launch(
-        "decode_attention",
-        device,
-        dtype=_ext.dtype_code(q),
-        q=_ext.ptr(q),
-        q_strides=_ext.strides(q),
-        k_cache=_ext.ptr(k_cache),
-        k_cache_strides=_ext.strides(k_cache),
-        v_cache=_ext.ptr(v_cache),
-        v_cache_strides=_ext.strides(v_cache),
-        cache_seqlens=_ext.ptr(cache_seqlens),
-        k_new=_ext.ptr(k_new),
-        k_new_strides=_ext.strides(k_new),
-        v_new=_ext.ptr(v_new),
-        v_new_strides=_ext.strides(v_new),
-        out=_ext.ptr(out),
-        o_part=_ext.ptr(o_part),
-        lse=_ext.ptr(lse),
-        batch=b,
-        heads=h,
-        t_max=t_max,
-        head_dim=d,
-        num_splits=splits,
-        scale=float(scale),
-    )
+    tensors = dict(cache_seqlens=cache_seqlens, out=out, o_part=o_part, lse=lse)
+    strided = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+    sizes = dict(batch=b, heads=h, t_max=t_max, head_dim=d, num_splits=splits)
+    _ext.launch("decode_attention", device, q, tensors, strided, **sizes, scale=scale)
     return out
 
 
@@ -121,15 +85,6 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
 
 
 @register_impl("decode_attention", "cuda", supports=supports)
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor | None,
-    v_new: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> torch.Tensor:
     """Split-KV decode attention; appends ``k_new``/``v_new`` in the same launch (caches mutated)."""
-    scale = _ext.default_scale(q.shape[-1], scale)
-    return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
+    return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, _ext.default_scale(q.shape[-1], scale))

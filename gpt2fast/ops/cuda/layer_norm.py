@@ -11,6 +11,7 @@ import torch
 
 from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.cuda import _ext
+from gpt2fast.ops.specs import layer_norm as spec
 
 #: Longest row the kernel takes (its int32 column math).
 MAX_N = 2**30
@@ -26,9 +27,7 @@ def size_reason(rows: int, n: int) -> str | None:
     return None
 
 
-def supports(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
-) -> str | None:
+def supports(x, weight, bias, eps, residual) -> str | None:
     """Rows of ``x``/``residual`` with one row stride each, contiguous ``weight``/``bias``, sizes within the grid
     and an ``eps`` that fp32 represents."""
     n = x.shape[-1]
@@ -50,22 +49,9 @@ def _run(x, weight, bias, eps: float, residual) -> tuple[torch.Tensor, torch.Ten
     r2, rs = (None, 0) if residual is None else _ext.rows_view("residual", residual)
     y = _ext.new_like(x)
     h = None if residual is None else _ext.new_like(x)
-    _ext.launch(
-        "layer_norm",
-        device,
-        dtype=_ext.dtype_code(x),
-        x=_ext.ptr(x2),
-        x_row_stride=xs,
-        residual=_ext.ptr(r2),
-        residual_row_stride=rs,
-        weight=_ext.ptr(weight),
-        bias=_ext.ptr(bias),
-        y=_ext.ptr(y),
-        h=_ext.ptr(h),
-        rows=x2.shape[0],
-        n=x2.shape[1],
-        eps=float(eps),
-    )
+    tensors = dict(x=x2, residual=r2, weight=weight, bias=bias, y=y, h=h)
+    rows, n = x2.shape
+    _ext.launch("layer_norm", device, x, tensors, x_row_stride=xs, residual_row_stride=rs, rows=rows, n=n, eps=eps)
     return y, h
 
 
@@ -93,11 +79,7 @@ def _(x, weight, bias, eps, residual):
     return _ext.new_like(x), _ext.new_like(x)
 
 
-@register_impl("layer_norm", "cuda", supports=supports)
-def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``."""
-    if residual is None:
-        return layer_norm_op(x, weight, bias, float(eps))
-    return layer_norm_residual_op(x, weight, bias, float(eps), residual)
+#: The registered implementation: ``LN(x)``, or ``(LN(x + residual), x + residual)`` in one kernel.
+layer_norm = register_impl("layer_norm", "cuda", supports=supports)(
+    spec.plain_or_fused(layer_norm_op, layer_norm_residual_op)
+)

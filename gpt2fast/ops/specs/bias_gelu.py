@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, seeded_randn
+from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 
 ARGS = ("x", "bias")
 
@@ -104,14 +104,7 @@ EDGE_INPUTS = (
 # ---- benchmarks ---------------------------------------------------------------------------------------------
 def bench_cases(sweep: str) -> list[BenchCase]:
     """GPT-2 MLP widths (3072..6400) from 1 to 64k rows; tiny shapes for the CPU sweep."""
-    rows, widths = {
-        "full": ([1, 64, 512, 2048, 8192, 16384, 32768, 65536], [3072, 4096, 5120, 6400]),
-        "quick": ([1, 1024, 16384, 65536], [3072, 6400]),
-        "cpu": ([1, 7, 64], [192, 400]),
-    }[sweep]
-    return [
-        BenchCase("bias_gelu", dict(rows=r, n=n), "rows", f"N={n}", target=r >= 16384) for n in widths for r in rows
-    ]
+    return row_cases("bias_gelu", sweep, {"full": [3072, 4096, 5120, 6400], "quick": [3072, 6400], "cpu": [192, 400]})
 
 
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:

@@ -14,6 +14,11 @@ from gpt2fast.ops._registry import dispatch, register_op
 from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, View, seeded_randn
 
 MUTATES = ("k_cache", "v_cache")  # the append writes the caches in place
+#: The ``torch.library`` schema of a backend's custom op taking the op's arguments (``scale`` resolved).
+SCHEMA = (
+    "(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, "
+    "float scale) -> Tensor"
+)
 ARGS = ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "scale")
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, seeded_randn
+from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 
 ARGS = ("x", "weight", "bias", "eps", "residual")
 
@@ -52,6 +53,18 @@ def reference(x, weight, bias, eps=1e-5, residual=None):
     h = x if residual is None else x + residual
     y = F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
     return y if residual is None else (y, h)
+
+
+def plain_or_fused(plain: Callable, fused: Callable) -> Callable:
+    """A backend's implementation from its two kernels: ``plain(x, weight, bias, eps)`` -> ``y`` and
+    ``fused(x, weight, bias, eps, residual)`` -> ``(y, h)`` (``eps`` passed as a float)."""
+
+    def layer_norm(x, weight, bias, eps, residual):
+        if residual is None:
+            return plain(x, weight, bias, float(eps))
+        return tuple(fused(x, weight, bias, float(eps), residual))
+
+    return layer_norm
 
 
 # ---- inputs and test shapes ---------------------------------------------------------------------------------
@@ -143,17 +156,9 @@ EDGE_INPUTS = (
 
 # ---- benchmarks ---------------------------------------------------------------------------------------------
 def bench_cases(sweep: str) -> list[BenchCase]:
-    """GPT-2 widths (768..1600) from 1 to 64k rows; tiny shapes for the CPU sweep."""
-    rows, widths = {
-        "full": ([1, 64, 512, 2048, 8192, 16384, 32768, 65536], [768, 1024, 1280, 1600]),
-        "quick": ([1, 1024, 16384, 65536], [768, 1600]),
-        "cpu": ([1, 7, 64], [48, 100]),
-    }[sweep]
-    return [
-        BenchCase("layer_norm", dict(rows=r, n=n, residual=res), "rows", f"N={n}" + (" +residual" if res else ""),
-                  target=r >= 16384)
-        for n in widths for res in (False, True) for r in rows
-    ]  # fmt: skip
+    """GPT-2 widths (768..1600), with and without the residual, from 1 to 64k rows; tiny shapes on CPU."""
+    widths = {"full": [768, 1024, 1280, 1600], "quick": [768, 1600], "cpu": [48, 100]}
+    return row_cases("layer_norm", sweep, widths, residual=[False, True])
 
 
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:

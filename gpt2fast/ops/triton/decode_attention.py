@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops._registry import register_impl
+from gpt2fast.ops.specs import decode_attention as spec
 from gpt2fast.ops.triton._common import (
     TL_DTYPE,
     CompileCase,
@@ -212,16 +213,8 @@ def run(
     return out
 
 
-@torch.library.custom_op("gpt2fast_triton::decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention_op(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor | None,
-    v_new: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+@torch.library.custom_op("gpt2fast_triton::decode_attention", mutates_args=spec.MUTATES, schema=spec.SCHEMA)
+def decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
     """Flash-decoding with in-launch append; see the module docstring."""
     return run(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
 
@@ -232,15 +225,7 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale):
 
 
 @register_impl("decode_attention", "triton", supports=supports)
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    k_new: torch.Tensor | None,
-    v_new: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> torch.Tensor:
     """Flash-decoding against the cache, appending k_new/v_new at ``cache_seqlens[b]`` in the same launch."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)

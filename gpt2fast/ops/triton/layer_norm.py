@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops._registry import register_impl
+from gpt2fast.ops.specs import layer_norm as spec
 from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, launch, next_pow2, signature
 from gpt2fast.ops.triton._tuning import LAYER_NORM_CONFIGS, layer_norm_heuristic
 
@@ -79,7 +80,7 @@ def _(x, weight, bias, eps):
 
 @torch.library.custom_op("gpt2fast_triton::add_layer_norm", mutates_args=())
 def add_layer_norm_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(LN(x + residual), x + residual)`` in one kernel."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -89,28 +90,22 @@ def add_layer_norm_op(
 
 
 @add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, weight, bias, eps, residual):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return y, torch.empty_like(y)
 
 
-def supports(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
-) -> str | None:
+def supports(x, weight, bias, eps, residual) -> str | None:
     """Rows up to :data:`MAX_N` wide (a row is held in registers)."""
     if x.shape[-1] > MAX_N:
         return f"triton layer_norm keeps a row in registers: N must be <= {MAX_N}, got {x.shape[-1]}"
     return None
 
 
-@register_impl("layer_norm", "triton", supports=supports)
-def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, residual: torch.Tensor | None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LN(x), or ``(LN(x + residual), x + residual)`` fused in one kernel."""
-    if residual is None:
-        return layer_norm_op(x, weight, bias, float(eps))
-    return tuple(add_layer_norm_op(x, residual, weight, bias, float(eps)))
+#: The registered implementation: ``LN(x)``, or ``(LN(x + residual), x + residual)`` fused in one kernel.
+layer_norm = register_impl("layer_norm", "triton", supports=supports)(
+    spec.plain_or_fused(layer_norm_op, add_layer_norm_op)
+)
 
 
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
