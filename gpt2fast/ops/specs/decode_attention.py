@@ -236,6 +236,17 @@ def _expanded(device="cpu") -> torch.Tensor:
     return _rn(2, 2, 1, 32, device=device).expand(2, 2, 8, 32)
 
 
+EDGE_INPUTS = (
+    EdgeInput("dec-expanded-read", "read-only decode from an expand()-ed k_cache",
+              lambda d: _args(k_cache=_expanded(d), append=False, device=d)),
+    EdgeInput("dec-head-dim-16", "head dim 16", lambda d: _args(d=16, device=d)),
+    EdgeInput("dec-cache-slice", "caches sliced along T_max (big[:, :, :8])",
+              lambda d: _args(k_cache=_rn(2, 2, 12, 32, device=d)[:, :, :8],
+                              v_cache=_rn(2, 2, 12, 32, device=d)[:, :, :8], device=d)),
+    EdgeInput("dec-q-strided", "q[..., ::2] (last-dim stride 2)",
+              lambda d: _args(q=_rn(2, 2, 64, device=d)[..., ::2], device=d)),
+)  # fmt: skip
+
 BAD_INPUTS = (
     BadInput("dec-q-rank", "q 4-D", lambda: _args(q=_rn(2, 2, 1, 32)),
              ValueError, r"q must be 3-D \[B, H, D\], got shape \[2, 2, 1, 32\]"),
@@ -276,17 +287,6 @@ BAD_INPUTS = (
              ValueError, r"k_cache has overlapping strides \(.*\) for shape \[2, 2, 8, 32\]"),
     BadInput("dec-scale-nan", "scale=nan", lambda: _args(scale=math.nan),
              ValueError, r"scale must be None or a positive finite number, got nan"),
-)  # fmt: skip
-
-EDGE_INPUTS = (
-    EdgeInput("dec-expanded-read", "read-only decode from an expand()-ed k_cache",
-              lambda d: _args(k_cache=_expanded(d), append=False, device=d)),
-    EdgeInput("dec-head-dim-16", "head dim 16", lambda d: _args(d=16, device=d)),
-    EdgeInput("dec-cache-slice", "caches sliced along T_max (big[:, :, :8])",
-              lambda d: _args(k_cache=_rn(2, 2, 12, 32, device=d)[:, :, :8],
-                              v_cache=_rn(2, 2, 12, 32, device=d)[:, :, :8], device=d)),
-    EdgeInput("dec-q-strided", "q[..., ::2] (last-dim stride 2)",
-              lambda d: _args(q=_rn(2, 2, 64, device=d)[..., ::2], device=d)),
 )  # fmt: skip
 
 VIEWS = (View("projection-views", _projection_views), View("cache-slices", _cache_slices))
