@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-triton36 lint demo gpu-check clean
+.PHONY: venv test test-triton36 lint docs demo gpu-check clean
 
 # A venv that sees the system's packages, so a GPU machine keeps its own torch.
 # Without torch, install the CPU build 2.13.0 (a bare `torch` would pull a multi-GB CUDA build).
@@ -40,6 +40,10 @@ test-triton36: venv $(TRITON36)/triton
 	PYTHONPATH=$(TRITON36) $(BIN)/python -m pytest -q tests/test_triton_internals.py tests/test_triton_model.py
 	PYTHONPATH=$(TRITON36) $(BIN)/python -m pytest -q tests/test_ops_conformance.py -k triton
 	PYTHONPATH=$(TRITON36) $(BIN)/python benchmarks/compile_check.py --json out/compile_check_triton36.json
+
+# Regenerate docs/bad_inputs.md from the op specs and the runtime catalogue (a test fails when it is stale).
+docs: venv
+	GPT2FAST_UPDATE_DOCS=1 $(BIN)/python -m pytest -q tests/test_bad_input_catalogue.py -k doc_is_current
 
 demo: venv
 	$(BIN)/gpt2fast generate --random gpt2 --prompt "The fastest GPT-2 kernels" --max-new-tokens 32
