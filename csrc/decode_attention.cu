@@ -69,12 +69,11 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   T* kc = p.k_cache + p.kcs.at(b, h);
   T* vc = p.v_cache + p.vcs.at(b, h);
 
-  // The owning split writes the new key/value into the cache (nobody else touches that slot).
-  if (append && pos_new >= start && pos_new < start + p.chunk) {
-    for (int i = tid; i < D / W; i += kThreads) {
-      store_vec(kc + pos_new * p.kcs.time + i * W, load_vec(kn + i * W));
-      store_vec(vc + pos_new * p.vcs.time + i * W, load_vec(vn + i * W));
-    }
+  // The owning split writes the new key/value into the cache (nobody else touches that slot): one
+  // 16-byte vector per thread of the first G (G <= 32 < kThreads, so one pass covers the row).
+  if (append && pos_new >= start && pos_new < start + p.chunk && tid < G) {
+    store_vec(kc + pos_new * p.kcs.time + tid * W, load_vec(kn + tid * W));
+    store_vec(vc + pos_new * p.vcs.time + tid * W, load_vec(vn + tid * W));
   }
 
   float q[W];
