@@ -132,6 +132,28 @@ struct MmaTile {
   static constexpr int QP = D + kPad;            // pitch of sQ / sK / sV rows
 };
 
+// s *= scale_log2 over this thread's S accumulators of one key tile.  With kMask, also -inf where the
+// key (key0 + j * 8 + (e & 1)) is past the end of the sequence or, when causal, after the query row
+// (row0 + (e >> 1) * 8).  A template rather than a runtime flag, so that the tiles without masking run
+// none of its tests whatever the compiler's if-conversion heuristics decide.
+template <bool kMask, int NS>
+__device__ __forceinline__ void scale_tile(float (&s)[NS][4], float scale_log2, int key0, int row0, int seqlen,
+                                           bool causal) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[j][e] * scale_log2;
+      if constexpr (kMask) {
+        const int key = key0 + j * 8 + (e & 1);
+        const int row = row0 + (e >> 1) * 8;
+        if (key >= seqlen || (causal && key > row)) x = -CUDART_INF_F;
+      }
+      s[j][e] = x;
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnParams<T> p) {
   using Tile = MmaTile<D>;
@@ -203,20 +225,11 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
       for (int kk = 0; kk < KD; ++kk) mma16816<T>(s[j], qa[kk], lds32(kb + kk * 16), lds32(kb + kk * 16 + 8));
     }
 
-    const bool need_mask = n_start + BN > T_ || (p.causal && n_start + BN - 1 > q_start);
-#pragma unroll
-    for (int j = 0; j < NS; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e] * p.scale_log2;
-        if (need_mask) {
-          const int key = n_start + j * 8 + tq * 2 + (e & 1);
-          const int row = row0 + (e >> 1) * 8;
-          if (key >= T_ || (p.causal && key > row)) x = -CUDART_INF_F;
-        }
-        s[j][e] = x;
-      }
-    }
+    // Into the log2 domain; only the tiles that cross the diagonal or the end of the sequence are masked.
+    if (n_start + BN > T_ || (p.causal && n_start + BN - 1 > q_start))
+      scale_tile<true>(s, p.scale_log2, n_start + tq * 2, row0, T_, p.causal);
+    else
+      scale_tile<false>(s, p.scale_log2, n_start + tq * 2, row0, T_, p.causal);
 
     // Online softmax, one row at a time (r = 0: accumulator slots 0,1; r = 1: slots 2,3).
 #pragma unroll
