@@ -33,6 +33,22 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// ---------------------------------------------------------------- the API structs in kernels
+// Kernels take their entry point's parameter struct (gpt2fast_api.h) by value and view its untyped
+// pointers as their element type where they use them: typed<T>(p.q) is a const T*, typed<T>(p.out) a T*.
+template <typename T>
+G2F_HOST_DEVICE const T* typed(const void* p) {
+  return static_cast<const T*>(p);
+}
+template <typename T>
+G2F_HOST_DEVICE T* typed(void* p) {
+  return static_cast<T*>(p);
+}
+
+// The attention kernels' softmax runs in base 2: exp2f(s * softmax_scale_log2(scale)) = e^(s * scale).
+constexpr float kLog2e = 1.4426950408889634f;
+inline float softmax_scale_log2(float scale) { return scale * kLog2e; }
+
 // ---------------------------------------------------------------- 128-bit vectors
 // Vec<T> is 16 bytes of T: 4 floats or 8 halves; loads/stores compile to one LDG/STG.128.
 template <typename T>

@@ -11,6 +11,8 @@
 // 0, dtype or device left -1, eps or scale left 0 make the call return cudaErrorInvalidValue before any
 // launch.  Strides default to 0 and are never rejected (0 is a valid stride for a broadcast dimension).
 // Every entry point returns a cudaError_t as int (0 = success).
+// The attention kernels take their struct itself, by value (kernels view the void pointers as their element
+// type where they use them): the structs stay plain, trivially copyable data.
 #pragma once
 
 #include <cstdint>
