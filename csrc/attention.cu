@@ -19,20 +19,6 @@
 namespace g2f {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T>
-struct AttnParams {
-  const T* q;
-  const T* k;
-  const T* v;
-  T* out;  // contiguous [B, H, T, D]
-  Strides qs, ks, vs;
-  int heads, seqlen;
-  bool causal;
-  float scale_log2;
-};
-
 // ------------------------------------------------------------------ tensor-core helpers
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
@@ -132,8 +118,30 @@ struct MmaTile {
   static constexpr int QP = D + kPad;            // pitch of sQ / sK / sV rows
 };
 
+// s *= scale_log2 over this thread's S accumulators of one key tile.  With kMask, also -inf where the
+// key (key0 + j * 8 + (e & 1)) is past the end of the sequence or, when causal, after the query row
+// (row0 + (e >> 1) * 8).  A template rather than a runtime flag, so that the tiles without masking run
+// none of its tests whatever the compiler's if-conversion heuristics decide.
+template <bool kMask, int NS>
+__device__ __forceinline__ void scale_tile(float (&s)[NS][4], float scale_log2, int key0, int row0, int seqlen,
+                                           bool causal) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[j][e] * scale_log2;
+      if constexpr (kMask) {
+        const int key = key0 + j * 8 + (e & 1);
+        const int row = row0 + (e >> 1) * 8;
+        if (key >= seqlen || (causal && key > row)) x = -CUDART_INF_F;
+      }
+      s[j][e] = x;
+    }
+  }
+}
+
 template <typename T, int D>
-__global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnParams<T> p) {
+__global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttentionParams p, const float scale_log2) {
   using Tile = MmaTile<D>;
   constexpr int BN = Tile::BN, QP = Tile::QP;
   constexpr int KD = D / 16;   // k16 steps over the head dim
@@ -151,13 +159,13 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
   const int T_ = p.seqlen;
   const int q_start = m_block * kBM;
 
-  const T* qg = p.q + p.qs.at(b, h);
-  const T* kg = p.k + p.ks.at(b, h);
-  const T* vg = p.v + p.vs.at(b, h);
+  const T* qg = typed<T>(p.q) + p.q_strides.at(b, h);
+  const T* kg = typed<T>(p.k) + p.k_strides.at(b, h);
+  const T* vg = typed<T>(p.v) + p.v_strides.at(b, h);
 
   {
     TileRegs<T, kBM, D, kMmaThreads> qr;
-    qr.load(qg, p.qs.time, q_start, T_);
+    qr.load(qg, p.q_strides.time, q_start, T_);
     qr.template store<QP>(sQ);
   }
   __syncthreads();
@@ -182,16 +190,16 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
 
   const int n_end = p.causal ? min(T_, q_start + kBM) : T_;
   TileRegs<T, BN, D, kMmaThreads> kr, vr;
-  kr.load(kg, p.ks.time, 0, T_);
-  vr.load(vg, p.vs.time, 0, T_);
+  kr.load(kg, p.k_strides.time, 0, T_);
+  vr.load(vg, p.v_strides.time, 0, T_);
   for (int n_start = 0; n_start < n_end; n_start += BN) {
     __syncthreads();  // the previous tile's sK/sV are no longer read
     kr.template store<QP>(sK);
     vr.template store<QP>(sV);
     __syncthreads();
     if (n_start + BN < n_end) {  // prefetch the next tile; the loads overlap the math below
-      kr.load(kg, p.ks.time, n_start + BN, T_);
-      vr.load(vg, p.vs.time, n_start + BN, T_);
+      kr.load(kg, p.k_strides.time, n_start + BN, T_);
+      vr.load(vg, p.v_strides.time, n_start + BN, T_);
     }
 
     float s[NS][4];
@@ -203,20 +211,11 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
       for (int kk = 0; kk < KD; ++kk) mma16816<T>(s[j], qa[kk], lds32(kb + kk * 16), lds32(kb + kk * 16 + 8));
     }
 
-    const bool need_mask = n_start + BN > T_ || (p.causal && n_start + BN - 1 > q_start);
-#pragma unroll
-    for (int j = 0; j < NS; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e] * p.scale_log2;
-        if (need_mask) {
-          const int key = n_start + j * 8 + tq * 2 + (e & 1);
-          const int row = row0 + (e >> 1) * 8;
-          if (key >= T_ || (p.causal && key > row)) x = -CUDART_INF_F;
-        }
-        s[j][e] = x;
-      }
-    }
+    // Into the log2 domain; only the tiles that cross the diagonal or the end of the sequence are masked.
+    if (n_start + BN > T_ || (p.causal && n_start + BN - 1 > q_start))
+      scale_tile<true>(s, scale_log2, n_start + tq * 2, row0, T_, p.causal);
+    else
+      scale_tile<false>(s, scale_log2, n_start + tq * 2, row0, T_, p.causal);
 
     // Online softmax, one row at a time (r = 0: accumulator slots 0,1; r = 1: slots 2,3).
 #pragma unroll
@@ -262,7 +261,7 @@ __global__ void __launch_bounds__(kMmaThreads) attention_mma_kernel(const AttnPa
     }
   }
 
-  T* og = p.out + ((static_cast<int64_t>(b) * p.heads + h) * T_) * D;
+  T* og = typed<T>(p.out) + ((static_cast<int64_t>(b) * p.heads + h) * T_) * D;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_i[r];
@@ -287,7 +286,8 @@ constexpr int kF32BQ = kF32Warps * kF32RowsPerWarp;
 constexpr int kF32BK = 32;
 
 template <int D>
-__global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const AttnParams<float> p) {
+__global__ void __launch_bounds__(kF32Warps * 32)
+    attention_f32_kernel(const AttentionParams p, const float scale_log2) {
   constexpr int DPL = D / 32;  // output dims per lane
   constexpr int kThreadsN = kF32Warps * 32;
   __shared__ float sQ[kF32BQ][D];
@@ -299,13 +299,13 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int T_ = p.seqlen;
   const int q_start = q_block * kF32BQ;
-  const float* qg = p.q + p.qs.at(b, h);
-  const float* kg = p.k + p.ks.at(b, h);
-  const float* vg = p.v + p.vs.at(b, h);
+  const float* qg = typed<float>(p.q) + p.q_strides.at(b, h);
+  const float* kg = typed<float>(p.k) + p.k_strides.at(b, h);
+  const float* vg = typed<float>(p.v) + p.v_strides.at(b, h);
 
   for (int i = threadIdx.x; i < kF32BQ * D; i += kThreadsN) {
     const int r = i / D, c = i % D;
-    sQ[r][c] = q_start + r < T_ ? qg[static_cast<int64_t>(q_start + r) * p.qs.time + c] * p.scale_log2 : 0.f;
+    sQ[r][c] = q_start + r < T_ ? qg[static_cast<int64_t>(q_start + r) * p.q_strides.time + c] * scale_log2 : 0.f;
   }
 
   float m_i[kF32RowsPerWarp], l_i[kF32RowsPerWarp], acc[kF32RowsPerWarp][DPL];
@@ -323,8 +323,8 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
     for (int i = threadIdx.x; i < kF32BK * D; i += kThreadsN) {
       const int r = i / D, c = i % D;
       const bool in = n_start + r < T_;
-      sK[r][c] = in ? kg[static_cast<int64_t>(n_start + r) * p.ks.time + c] : 0.f;
-      sV[r][c] = in ? vg[static_cast<int64_t>(n_start + r) * p.vs.time + c] : 0.f;
+      sK[r][c] = in ? kg[static_cast<int64_t>(n_start + r) * p.k_strides.time + c] : 0.f;
+      sV[r][c] = in ? vg[static_cast<int64_t>(n_start + r) * p.v_strides.time + c] : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
     }
   }
 
-  float* og = p.out + ((static_cast<int64_t>(b) * p.heads + h) * T_) * D;
+  float* og = typed<float>(p.out) + ((static_cast<int64_t>(b) * p.heads + h) * T_) * D;
 #pragma unroll
   for (int r = 0; r < kF32RowsPerWarp; ++r) {
     const int row = q_start + warp * kF32RowsPerWarp + r;
@@ -366,14 +366,18 @@ __global__ void __launch_bounds__(kF32Warps * 32) attention_f32_kernel(const Att
 }
 
 // ------------------------------------------------------------------ launch
+// The kernels take the API struct itself (pointers viewed as T where used) and the one derived value.
+static_assert(std::is_trivially_copyable_v<AttentionParams>, "passed to the kernels by value");
 template <typename T, int D>
-void launch(const AttnParams<T>& p, int batch, cudaStream_t stream) {
+void launch(const AttentionParams& p) {
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  const float scale_log2 = softmax_scale_log2(p.scale);
   if constexpr (std::is_same_v<T, float>) {
-    dim3 grid(ceil_div(p.seqlen, kF32BQ), p.heads, batch);
-    attention_f32_kernel<D><<<grid, kF32Warps * 32, 0, stream>>>(p);
+    dim3 grid(ceil_div(p.seqlen, kF32BQ), p.heads, p.batch);
+    attention_f32_kernel<D><<<grid, kF32Warps * 32, 0, stream>>>(p, scale_log2);
   } else {
-    dim3 grid(ceil_div(p.seqlen, kBM), p.heads, batch);
-    attention_mma_kernel<T, D><<<grid, kMmaThreads, 0, stream>>>(p);
+    dim3 grid(ceil_div(p.seqlen, kBM), p.heads, p.batch);
+    attention_mma_kernel<T, D><<<grid, kMmaThreads, 0, stream>>>(p, scale_log2);
   }
 }
 
@@ -388,22 +392,7 @@ int attention(const AttentionParams& a) {
     return cudaErrorInvalidValue;
   DeviceGuard guard(a.device);  // restores the caller's device on return
   G2F_RETURN_IF_ERROR(guard.status());
-  auto s = static_cast<cudaStream_t>(a.stream);
-  G2F_DISPATCH_DTYPE(a.dtype, T, {
-    AttnParams<T> p;
-    p.q = static_cast<const T*>(a.q);
-    p.k = static_cast<const T*>(a.k);
-    p.v = static_cast<const T*>(a.v);
-    p.out = static_cast<T*>(a.out);
-    p.qs = a.q_strides;
-    p.ks = a.k_strides;
-    p.vs = a.v_strides;
-    p.heads = a.heads;
-    p.seqlen = a.seqlen;
-    p.causal = a.causal;
-    p.scale_log2 = a.scale * kLog2e;
-    G2F_DISPATCH_HEAD_DIM(a.head_dim, D, launch<T, D>(p, a.batch, s));
-  });
+  G2F_DISPATCH_DTYPE(a.dtype, T, G2F_DISPATCH_HEAD_DIM(a.head_dim, D, launch<T, D>(a)));
   return launch_status();
 }
 

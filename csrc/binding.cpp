@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "gpt2fast_api.h"
@@ -31,19 +32,16 @@ class Struct {
     cls_.def(py::init<>());
   }
 
+  // One read/write property; a pointer field is read and written as a Python int (the address; 0 = null).
   template <typename D>
   Struct& field(const char* name, D S::*member, const char* doc) {
-    cls_.def_readwrite(name, member, doc);
-    fields_->push_back(name);
-    return *this;
-  }
-
-  // A pointer field, read and written as a Python int (the address; 0 = null).
-  template <typename P>
-  Struct& pointer(const char* name, P* S::*member, const char* doc) {
-    cls_.def_property(
-        name, [member](const S& s) { return reinterpret_cast<std::uintptr_t>(s.*member); },
-        [member](S& s, std::uintptr_t address) { s.*member = reinterpret_cast<P*>(address); }, doc);
+    if constexpr (std::is_pointer_v<D>) {
+      cls_.def_property(
+          name, [member](const S& s) { return reinterpret_cast<std::uintptr_t>(s.*member); },
+          [member](S& s, std::uintptr_t address) { s.*member = reinterpret_cast<D>(address); }, doc);
+    } else {
+      cls_.def_readwrite(name, member, doc);
+    }
     fields_->push_back(name);
     return *this;
   }
@@ -71,14 +69,6 @@ class Struct {
   std::shared_ptr<std::vector<std::string>> fields_;
 };
 
-// The dtype / stream / device fields every parameter struct has.
-template <typename S>
-Struct<S>& launch_fields(Struct<S>& s) {
-  return s.field("dtype", &S::dtype, "G2F_F32 / F16 / BF16 (_C.F32, _C.F16, _C.BF16); -1 = unset")
-      .pointer("stream", &S::stream, "cudaStream_t as an int (0: the legacy default stream)")
-      .field("device", &S::device, "CUDA device index of the tensors; -1 = unset");
-}
-
 // Raise for a non-zero CUDA error code; invalid values name the struct that carried them.
 template <typename S>
 void check(int err, const char* op, const S& params) {
@@ -91,6 +81,21 @@ void check(int err, const char* op, const S& params) {
 }
 
 }  // namespace
+
+// One Struct::field call per X(type, name, default, doc) row of a G2F_*_FIELDS list (gpt2fast_api.h).
+#define G2F_BIND_FIELD(type, name, init, doc) .field(#name, &S::name, doc)
+
+// The Python class of parameter struct NAME (the launch fields, then FIELDS, in declaration order) and
+// the entry point OP(params) taking it, documented as DOC.
+#define G2F_BIND_OP(m, OP, NAME, FIELDS, DOC)                                   \
+  do {                                                                          \
+    using S = NAME;                                                             \
+    Struct<S> s(m, #NAME, "Arguments of " #OP " (see csrc/gpt2fast_api.h).");   \
+    s G2F_LAUNCH_FIELDS(G2F_BIND_FIELD) FIELDS(G2F_BIND_FIELD);                 \
+    s.done();                                                                   \
+    m.def(                                                                      \
+        #OP, [](const S& p) { check(OP(p), #OP, p); }, py::arg("params"), DOC); \
+  } while (0)
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gpt2fast CUDA kernels (named parameter structs of device pointers; no PyTorch headers)";
@@ -126,88 +131,9 @@ PYBIND11_MODULE(_C, m) {
                ", time=" + std::to_string(s.time) + ")";
       });
 
-  {
-    Struct<LayerNormParams> s(m, "LayerNormParams", "Arguments of layer_norm (see csrc/gpt2fast_api.h).");
-    launch_fields(s)
-        .pointer("x", &LayerNormParams::x, "input rows [rows, n]")
-        .field("x_row_stride", &LayerNormParams::x_row_stride, "elements between rows of x")
-        .pointer("residual", &LayerNormParams::residual, "added to x before the norm; 0 = none")
-        .field("residual_row_stride", &LayerNormParams::residual_row_stride, "elements between rows of residual")
-        .pointer("weight", &LayerNormParams::weight, "contiguous [n]")
-        .pointer("bias", &LayerNormParams::bias, "contiguous [n]")
-        .pointer("y", &LayerNormParams::y, "output, contiguous [rows, n]")
-        .pointer("h", &LayerNormParams::h, "x + residual, contiguous [rows, n]; 0 without a residual")
-        .field("rows", &LayerNormParams::rows, "number of rows (> 0)")
-        .field("n", &LayerNormParams::n, "elements per row (> 0)")
-        .field("eps", &LayerNormParams::eps, "variance epsilon (> 0)")
-        .done();
-  }
-  {
-    Struct<BiasGeluParams> s(m, "BiasGeluParams", "Arguments of bias_gelu (see csrc/gpt2fast_api.h).");
-    launch_fields(s)
-        .pointer("x", &BiasGeluParams::x, "input rows [rows, n]")
-        .field("x_row_stride", &BiasGeluParams::x_row_stride, "elements between rows of x")
-        .pointer("bias", &BiasGeluParams::bias, "contiguous [n]")
-        .pointer("y", &BiasGeluParams::y, "output, contiguous [rows, n]")
-        .field("rows", &BiasGeluParams::rows, "number of rows (> 0)")
-        .field("n", &BiasGeluParams::n, "elements per row (> 0)")
-        .done();
-  }
-  {
-    Struct<AttentionParams> s(m, "AttentionParams", "Arguments of attention (see csrc/gpt2fast_api.h).");
-    launch_fields(s)
-        .pointer("q", &AttentionParams::q, "[B, H, T, D], unit stride in D")
-        .field("q_strides", &AttentionParams::q_strides, "(batch, head, time) strides of q")
-        .pointer("k", &AttentionParams::k, "[B, H, T, D], unit stride in D")
-        .field("k_strides", &AttentionParams::k_strides, "(batch, head, time) strides of k")
-        .pointer("v", &AttentionParams::v, "[B, H, T, D], unit stride in D")
-        .field("v_strides", &AttentionParams::v_strides, "(batch, head, time) strides of v")
-        .pointer("out", &AttentionParams::out, "output, contiguous [B, H, T, D]")
-        .field("batch", &AttentionParams::batch, "B (> 0)")
-        .field("heads", &AttentionParams::heads, "H (> 0)")
-        .field("seqlen", &AttentionParams::seqlen, "T (> 0)")
-        .field("head_dim", &AttentionParams::head_dim, "D: 32, 64 or 128")
-        .field("causal", &AttentionParams::causal, "mask keys after the query")
-        .field("scale", &AttentionParams::scale, "softmax scale (> 0)")
-        .done();
-  }
-  {
-    Struct<DecodeAttentionParams> s(m, "DecodeAttentionParams",
-                                    "Arguments of decode_attention (see csrc/gpt2fast_api.h).");
-    launch_fields(s)
-        .pointer("q", &DecodeAttentionParams::q, "[B, H, D], unit stride in D")
-        .field("q_strides", &DecodeAttentionParams::q_strides, "(batch, head) strides of q; time = 0")
-        .pointer("k_cache", &DecodeAttentionParams::k_cache, "[B, H, T_max, D], written at the append slot")
-        .field("k_cache_strides", &DecodeAttentionParams::k_cache_strides, "(batch, head, time) strides")
-        .pointer("v_cache", &DecodeAttentionParams::v_cache, "[B, H, T_max, D], written at the append slot")
-        .field("v_cache_strides", &DecodeAttentionParams::v_cache_strides, "(batch, head, time) strides")
-        .pointer("cache_seqlens", &DecodeAttentionParams::cache_seqlens, "contiguous int32 [B]")
-        .pointer("k_new", &DecodeAttentionParams::k_new, "[B, H, D] appended at cache_seqlens[b]; 0 = none")
-        .field("k_new_strides", &DecodeAttentionParams::k_new_strides, "(batch, head) strides of k_new")
-        .pointer("v_new", &DecodeAttentionParams::v_new, "[B, H, D]; set exactly when k_new is")
-        .field("v_new_strides", &DecodeAttentionParams::v_new_strides, "(batch, head) strides of v_new")
-        .pointer("out", &DecodeAttentionParams::out, "output, contiguous [B, H, D]")
-        .pointer("o_part", &DecodeAttentionParams::o_part, "float [B, H, splits, D]; 0 when num_splits == 1")
-        .pointer("lse", &DecodeAttentionParams::lse, "float [B, H, splits]; 0 when num_splits == 1")
-        .field("batch", &DecodeAttentionParams::batch, "B (> 0)")
-        .field("heads", &DecodeAttentionParams::heads, "H (> 0)")
-        .field("t_max", &DecodeAttentionParams::t_max, "cache positions T_max (> 0)")
-        .field("head_dim", &DecodeAttentionParams::head_dim, "D: 32, 64 or 128")
-        .field("num_splits", &DecodeAttentionParams::num_splits, "KV splits, 1..T_max")
-        .field("scale", &DecodeAttentionParams::scale, "softmax scale (> 0)")
-        .done();
-  }
-
-  m.def(
-      "layer_norm", [](const LayerNormParams& p) { check(layer_norm(p), "layer_norm", p); }, py::arg("params"),
-      "LayerNorm(+residual) over rows.");
-  m.def(
-      "bias_gelu", [](const BiasGeluParams& p) { check(bias_gelu(p), "bias_gelu", p); }, py::arg("params"),
-      "gelu_tanh(x + bias) over rows.");
-  m.def(
-      "attention", [](const AttentionParams& p) { check(attention(p), "attention", p); }, py::arg("params"),
-      "Flash attention over [B, H, T, D].");
-  m.def(
-      "decode_attention", [](const DecodeAttentionParams& p) { check(decode_attention(p), "decode_attention", p); },
-      py::arg("params"), "Split-KV decode attention with in-place append.");
+  G2F_BIND_OP(m, layer_norm, LayerNormParams, G2F_LAYER_NORM_FIELDS, "LayerNorm(+residual) over rows.");
+  G2F_BIND_OP(m, bias_gelu, BiasGeluParams, G2F_BIAS_GELU_FIELDS, "gelu_tanh(x + bias) over rows.");
+  G2F_BIND_OP(m, attention, AttentionParams, G2F_ATTENTION_FIELDS, "Flash attention over [B, H, T, D].");
+  G2F_BIND_OP(m, decode_attention, DecodeAttentionParams, G2F_DECODE_ATTENTION_FIELDS,
+              "Split-KV decode attention with in-place append.");
 }

@@ -15,23 +15,38 @@
 namespace g2f {
 
 // ---------------------------------------------------------------- conversion
+// to_float<T>: T -> float (exact); from_float<T>: float -> T, rounded to nearest even.
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// One row per element type: the type, its T -> float and its float -> T conversion.
+#define G2F_CONVERSIONS(T, TO_FLOAT, FROM_FLOAT)                                     \
+  template <>                                                                        \
+  __device__ __forceinline__ float to_float<T>(T v) { return TO_FLOAT(v); }          \
+  template <>                                                                        \
+  __device__ __forceinline__ T from_float<T>(float v) { return FROM_FLOAT(v); }
+G2F_CONVERSIONS(float, float, float)  // float(v): the identity
+G2F_CONVERSIONS(__half, __half2float, __float2half_rn)
+G2F_CONVERSIONS(__nv_bfloat16, __bfloat162float, __float2bfloat16_rn)
+#undef G2F_CONVERSIONS
+
+// ---------------------------------------------------------------- the API structs in kernels
+// Kernels take their entry point's parameter struct (gpt2fast_api.h) by value and view its untyped
+// pointers as their element type where they use them: typed<T>(p.q) is a const T*, typed<T>(p.out) a T*.
+template <typename T>
+G2F_HOST_DEVICE const T* typed(const void* p) {
+  return static_cast<const T*>(p);
+}
+template <typename T>
+G2F_HOST_DEVICE T* typed(void* p) {
+  return static_cast<T*>(p);
+}
+
+// The attention kernels' softmax runs in base 2: exp2f(s * softmax_scale_log2(scale)) = e^(s * scale).
+constexpr float kLog2e = 1.4426950408889634f;
+inline float softmax_scale_log2(float scale) { return scale * kLog2e; }
 
 // ---------------------------------------------------------------- 128-bit vectors
 // Vec<T> is 16 bytes of T: 4 floats or 8 halves; loads/stores compile to one LDG/STG.128.

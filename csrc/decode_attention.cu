@@ -21,26 +21,11 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kUnroll = 4;  // keys per thread group per loop iteration
-constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T>
-struct DecodeParams {
-  const T* q;
-  T* k_cache;
-  T* v_cache;
-  const int32_t* seqlens;
-  const T* k_new;  // null: no append
-  const T* v_new;
-  T* out;        // final output, contiguous [B, H, D]; used when num_splits == 1
-  float* o_part;  // [B, H, S, D]; used when num_splits > 1
-  float* lse;     // [B, H, S]
-  Strides qs, kcs, vcs, kns, vns;
-  int heads, t_max, num_splits, chunk;
-  float scale_log2;
-};
-
+// `chunk`: cache positions per split; out is written when num_splits == 1, o_part and lse otherwise.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams<T> p) {
+__global__ void __launch_bounds__(kThreads)
+    decode_split_kernel(const DecodeAttentionParams p, const int chunk, const float scale_log2) {
   constexpr int W = Vec<T>::kSize;  // elements per thread per key
   constexpr int G = D / W;          // threads per key
   constexpr int NG = kThreads / G;  // keys in flight per block
@@ -55,33 +40,32 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   const int dim0 = lane_in_group * W;
 
   // Sequence length, clamped so that bad values (unchecked under graph capture) cannot go out of bounds.
-  int seqlen = p.seqlens[b];
+  int seqlen = p.cache_seqlens[b];
   seqlen = seqlen < 0 ? 0 : (seqlen > p.t_max ? p.t_max : seqlen);
   const bool append = p.k_new != nullptr && seqlen < p.t_max;
   const int pos_new = append ? seqlen : -1;
   const int length = seqlen + (append ? 1 : 0);
 
-  const int start = split * p.chunk;
-  const int end = min(start + p.chunk, length);
+  const int start = split * chunk;
+  const int end = min(start + chunk, length);
 
-  const T* kn = append ? p.k_new + p.kns.at(b, h) : nullptr;
-  const T* vn = append ? p.v_new + p.vns.at(b, h) : nullptr;
-  T* kc = p.k_cache + p.kcs.at(b, h);
-  T* vc = p.v_cache + p.vcs.at(b, h);
+  const T* kn = append ? typed<T>(p.k_new) + p.k_new_strides.at(b, h) : nullptr;
+  const T* vn = append ? typed<T>(p.v_new) + p.v_new_strides.at(b, h) : nullptr;
+  T* kc = typed<T>(p.k_cache) + p.k_cache_strides.at(b, h);
+  T* vc = typed<T>(p.v_cache) + p.v_cache_strides.at(b, h);
 
-  // The owning split writes the new key/value into the cache (nobody else touches that slot).
-  if (append && pos_new >= start && pos_new < start + p.chunk) {
-    for (int i = tid; i < D / W; i += kThreads) {
-      store_vec(kc + pos_new * p.kcs.time + i * W, load_vec(kn + i * W));
-      store_vec(vc + pos_new * p.vcs.time + i * W, load_vec(vn + i * W));
-    }
+  // The owning split writes the new key/value into the cache (nobody else touches that slot): one
+  // 16-byte vector per thread of the first G (G <= 32 < kThreads, so one pass covers the row).
+  if (append && pos_new >= start && pos_new < start + chunk && tid < G) {
+    store_vec(kc + pos_new * p.k_cache_strides.time + tid * W, load_vec(kn + tid * W));
+    store_vec(vc + pos_new * p.v_cache_strides.time + tid * W, load_vec(vn + tid * W));
   }
 
   float q[W];
   {
-    const Vec<T> qv = load_vec(p.q + p.qs.at(b, h) + dim0);
+    const Vec<T> qv = load_vec(typed<T>(p.q) + p.q_strides.at(b, h) + dim0);
 #pragma unroll
-    for (int i = 0; i < W; ++i) q[i] = to_float(qv.v[i]) * p.scale_log2;
+    for (int i = 0; i < W; ++i) q[i] = to_float(qv.v[i]) * scale_log2;
   }
 
   float m = -CUDART_INF_F, l = 0.f, acc[W];
@@ -97,8 +81,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + u * NG + g;
       if (t < end) {
-        kraw[u] = load_vec((t == pos_new ? kn : kc + t * p.kcs.time) + dim0);
-        vraw[u] = load_vec((t == pos_new ? vn : vc + t * p.vcs.time) + dim0);
+        kraw[u] = load_vec((t == pos_new ? kn : kc + t * p.k_cache_strides.time) + dim0);
+        vraw[u] = load_vec((t == pos_new ? vn : vc + t * p.v_cache_strides.time) + dim0);
       } else {
 #pragma unroll
         for (int i = 0; i < W; ++i) kraw[u].v[i] = vraw[u].v[i] = from_float<T>(0.f);
@@ -154,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     const float result = sum_l > 0.f ? o / sum_l : 0.f;
     const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
     if (p.num_splits == 1) {
-      p.out[bh * D + tid] = from_float<T>(result);
+      typed<T>(p.out)[bh * D + tid] = from_float<T>(result);
     } else {
       p.o_part[(bh * p.num_splits + split) * D + tid] = result;
       if (tid == 0) p.lse[bh * p.num_splits + split] = sum_l > 0.f ? mx + log2f(sum_l) : -CUDART_INF_F;
@@ -183,13 +167,17 @@ __global__ void __launch_bounds__(D) decode_combine_kernel(const float* __restri
   out[bh * D + d] = from_float<T>(den > 0.f ? num / den : 0.f);
 }
 
+// The split kernel takes the API struct itself (pointers viewed as T where used) and the derived values.
+static_assert(std::is_trivially_copyable_v<DecodeAttentionParams>, "passed to the kernels by value");
 template <typename T, int D>
-void launch(const DecodeParams<T>& p, int batch, cudaStream_t stream) {
-  dim3 grid(p.num_splits, p.heads, batch);
-  decode_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+void launch(const DecodeAttentionParams& p) {
+  const auto stream = static_cast<cudaStream_t>(p.stream);
+  const int chunk = ceil_div(p.t_max, p.num_splits);
+  dim3 grid(p.num_splits, p.heads, p.batch);
+  decode_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(p, chunk, softmax_scale_log2(p.scale));
   if (p.num_splits > 1)
-    decode_combine_kernel<T, D>
-        <<<static_cast<unsigned>(batch) * p.heads, D, 0, stream>>>(p.o_part, p.lse, p.out, p.num_splits);
+    decode_combine_kernel<T, D><<<static_cast<unsigned>(p.batch) * p.heads, D, 0, stream>>>(
+        p.o_part, p.lse, typed<T>(p.out), p.num_splits);
 }
 
 }  // namespace
@@ -208,30 +196,7 @@ int decode_attention(const DecodeAttentionParams& a) {
   if ((a.k_new == nullptr) != (a.v_new == nullptr)) return cudaErrorInvalidValue;
   DeviceGuard guard(a.device);  // restores the caller's device on return
   G2F_RETURN_IF_ERROR(guard.status());
-  auto s = static_cast<cudaStream_t>(a.stream);
-  G2F_DISPATCH_DTYPE(a.dtype, T, {
-    DecodeParams<T> p;
-    p.q = static_cast<const T*>(a.q);
-    p.k_cache = static_cast<T*>(a.k_cache);
-    p.v_cache = static_cast<T*>(a.v_cache);
-    p.seqlens = a.cache_seqlens;
-    p.k_new = static_cast<const T*>(a.k_new);
-    p.v_new = static_cast<const T*>(a.v_new);
-    p.out = static_cast<T*>(a.out);
-    p.o_part = a.o_part;
-    p.lse = a.lse;
-    p.qs = a.q_strides;
-    p.kcs = a.k_cache_strides;
-    p.vcs = a.v_cache_strides;
-    p.kns = a.k_new_strides;
-    p.vns = a.v_new_strides;
-    p.heads = heads;
-    p.t_max = t_max;
-    p.num_splits = num_splits;
-    p.chunk = ceil_div(t_max, num_splits);
-    p.scale_log2 = a.scale * kLog2e;
-    G2F_DISPATCH_HEAD_DIM(a.head_dim, D, launch<T, D>(p, batch, s));
-  });
+  G2F_DISPATCH_DTYPE(a.dtype, T, G2F_DISPATCH_HEAD_DIM(a.head_dim, D, launch<T, D>(a)));
   return launch_status();
 }
 

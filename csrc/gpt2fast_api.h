@@ -11,6 +11,8 @@
 // 0, dtype or device left -1, eps or scale left 0 make the call return cudaErrorInvalidValue before any
 // launch.  Strides default to 0 and are never rejected (0 is a valid stride for a broadcast dimension).
 // Every entry point returns a cudaError_t as int (0 = success).
+// The attention kernels take their struct itself, by value (kernels view the void pointers as their element
+// type where they use them): the structs stay plain, trivially copyable data.
 #pragma once
 
 #include <cstdint>
@@ -42,97 +44,109 @@ struct Strides {
   G2F_HOST_DEVICE int64_t at(int b, int h) const { return b * batch + h * head; }
 };
 
+// ---------------------------------------------------------------- parameter structs
+// Each struct's fields are listed once, as X(type, name, default, doc) rows of a G2F_*_FIELDS(X) list:
+// G2F_PARAMS declares them here (launch fields first), binding.cpp binds them to Python by name, in this
+// order, with `doc` as the property's docstring.
+
+// The fields every parameter struct has.
+#define G2F_LAUNCH_FIELDS(X)                                                         \
+  X(int, dtype, -1, "G2F_F32 / F16 / BF16 (_C.F32, _C.F16, _C.BF16); -1 = unset")    \
+  X(void*, stream, nullptr, "cudaStream_t as an int (0: the legacy default stream)") \
+  X(int, device, -1, "CUDA device index of the tensors; -1 = unset")
+
+#define G2F_DECLARE_FIELD(type, name, init, doc) type name = init;
+// struct NAME with the launch fields, then the fields of FIELDS.
+#define G2F_PARAMS(NAME, FIELDS)         \
+  struct NAME {                          \
+    G2F_LAUNCH_FIELDS(G2F_DECLARE_FIELD) \
+    FIELDS(G2F_DECLARE_FIELD)            \
+  }
+
 // y = LN(x [+ residual]) over `rows` rows of `n` elements; with a residual also h = x + residual.
 // Required: x, weight, bias, y, rows > 0, n > 0, eps > 0.  residual and h are both set or both null.
 // y and h are contiguous [rows, n]; x and residual rows are `*_row_stride` elements apart.
-struct LayerNormParams {
-  int dtype = -1;
-  const void* x = nullptr;
-  int64_t x_row_stride = 0;
-  const void* residual = nullptr;
-  int64_t residual_row_stride = 0;
-  const void* weight = nullptr;  // contiguous [n]
-  const void* bias = nullptr;    // contiguous [n]
-  void* y = nullptr;
-  void* h = nullptr;
-  int64_t rows = 0;
-  int64_t n = 0;
-  float eps = 0.f;
-  void* stream = nullptr;
-  int device = -1;
-};
+#define G2F_LAYER_NORM_FIELDS(X)                                                   \
+  X(const void*, x, nullptr, "input rows [rows, n]")                               \
+  X(int64_t, x_row_stride, 0, "elements between rows of x")                        \
+  X(const void*, residual, nullptr, "added to x before the norm; 0 = none")        \
+  X(int64_t, residual_row_stride, 0, "elements between rows of residual")          \
+  X(const void*, weight, nullptr, "contiguous [n]")                                \
+  X(const void*, bias, nullptr, "contiguous [n]")                                  \
+  X(void*, y, nullptr, "output, contiguous [rows, n]")                             \
+  X(void*, h, nullptr, "x + residual, contiguous [rows, n]; 0 without a residual") \
+  X(int64_t, rows, 0, "number of rows (> 0)")                                      \
+  X(int64_t, n, 0, "elements per row (> 0)")                                       \
+  X(float, eps, 0.f, "variance epsilon (> 0)")
+G2F_PARAMS(LayerNormParams, G2F_LAYER_NORM_FIELDS);
 int layer_norm(const LayerNormParams& p);
 
 // y = gelu_tanh(x + bias) over `rows` rows of `n` elements; y is contiguous [rows, n].
 // Required: x, bias, y, rows > 0, n > 0.
-struct BiasGeluParams {
-  int dtype = -1;
-  const void* x = nullptr;
-  int64_t x_row_stride = 0;
-  const void* bias = nullptr;  // contiguous [n]
-  void* y = nullptr;
-  int64_t rows = 0;
-  int64_t n = 0;
-  void* stream = nullptr;
-  int device = -1;
-};
+#define G2F_BIAS_GELU_FIELDS(X)                             \
+  X(const void*, x, nullptr, "input rows [rows, n]")        \
+  X(int64_t, x_row_stride, 0, "elements between rows of x") \
+  X(const void*, bias, nullptr, "contiguous [n]")           \
+  X(void*, y, nullptr, "output, contiguous [rows, n]")      \
+  X(int64_t, rows, 0, "number of rows (> 0)")               \
+  X(int64_t, n, 0, "elements per row (> 0)")
+G2F_PARAMS(BiasGeluParams, G2F_BIAS_GELU_FIELDS);
 int bias_gelu(const BiasGeluParams& p);
 
 // Causal / full attention over [B, H, T, D] tensors with unit stride in D.  Strides are
-// (batch, head, time) for q, k, v; out is contiguous [B, H, T, D].
+// (batch, head, time) for q, k, v; out is contiguous [B, H, T, D].  scale is the softmax scale
+// (e.g. 1/sqrt(D)).
 // Required: q, k, v, out, batch > 0, heads > 0, seqlen > 0, head_dim in (32, 64, 128), scale > 0.
-struct AttentionParams {
-  int dtype = -1;
-  const void* q = nullptr;
-  Strides q_strides;
-  const void* k = nullptr;
-  Strides k_strides;
-  const void* v = nullptr;
-  Strides v_strides;
-  void* out = nullptr;
-  int batch = 0;
-  int heads = 0;
-  int seqlen = 0;
-  int head_dim = 0;
-  bool causal = true;
-  float scale = 0.f;  // softmax scale (e.g. 1/sqrt(D))
-  void* stream = nullptr;
-  int device = -1;
-};
+#define G2F_ATTENTION_FIELDS(X)                                 \
+  X(const void*, q, nullptr, "[B, H, T, D], unit stride in D")  \
+  X(Strides, q_strides, {}, "(batch, head, time) strides of q") \
+  X(const void*, k, nullptr, "[B, H, T, D], unit stride in D")  \
+  X(Strides, k_strides, {}, "(batch, head, time) strides of k") \
+  X(const void*, v, nullptr, "[B, H, T, D], unit stride in D")  \
+  X(Strides, v_strides, {}, "(batch, head, time) strides of v") \
+  X(void*, out, nullptr, "output, contiguous [B, H, T, D]")     \
+  X(int, batch, 0, "B (> 0)")                                   \
+  X(int, heads, 0, "H (> 0)")                                   \
+  X(int, seqlen, 0, "T (> 0)")                                  \
+  X(int, head_dim, 0, "D: 32, 64 or 128")                       \
+  X(bool, causal, true, "mask keys after the query")            \
+  X(float, scale, 0.f, "softmax scale (> 0)")
+G2F_PARAMS(AttentionParams, G2F_ATTENTION_FIELDS);
 int attention(const AttentionParams& p);
 
 // Split-KV decode attention with an optional in-place append of k_new/v_new at cache_seqlens[b].
 // q/k_new/v_new strides are (batch, head) (time = 0); cache strides are (batch, head, time).  The append
 // writes position cache_seqlens[b] of the caches; the split that owns that position reads k_new/v_new
 // directly.  With num_splits == 1, o_part and lse may be null; otherwise they hold float
-// [B, H, num_splits, D] and float [B, H, num_splits].  out is contiguous [B, H, D].
+// [B, H, num_splits, D] and float [B, H, num_splits].  out is contiguous [B, H, D].  cache_seqlens is
+// read on the device only.
 // Required: q, k_cache, v_cache, cache_seqlens, out, batch > 0, heads > 0, t_max > 0,
 // head_dim in (32, 64, 128), 0 < num_splits <= t_max, scale > 0; k_new and v_new both set or both null.
-struct DecodeAttentionParams {
-  int dtype = -1;
-  const void* q = nullptr;
-  Strides q_strides;
-  void* k_cache = nullptr;
-  Strides k_cache_strides;
-  void* v_cache = nullptr;
-  Strides v_cache_strides;
-  const int32_t* cache_seqlens = nullptr;  // contiguous int32 [B], read on the device only
-  const void* k_new = nullptr;             // null: no append
-  Strides k_new_strides;
-  const void* v_new = nullptr;
-  Strides v_new_strides;
-  void* out = nullptr;
-  float* o_part = nullptr;
-  float* lse = nullptr;
-  int batch = 0;
-  int heads = 0;
-  int t_max = 0;
-  int head_dim = 0;
-  int num_splits = 0;
-  float scale = 0.f;
-  void* stream = nullptr;
-  int device = -1;
-};
+#define G2F_DECODE_ATTENTION_FIELDS(X)                                               \
+  X(const void*, q, nullptr, "[B, H, D], unit stride in D")                          \
+  X(Strides, q_strides, {}, "(batch, head) strides of q; time = 0")                  \
+  X(void*, k_cache, nullptr, "[B, H, T_max, D], written at the append slot")         \
+  X(Strides, k_cache_strides, {}, "(batch, head, time) strides")                     \
+  X(void*, v_cache, nullptr, "[B, H, T_max, D], written at the append slot")         \
+  X(Strides, v_cache_strides, {}, "(batch, head, time) strides")                     \
+  X(const int32_t*, cache_seqlens, nullptr, "contiguous int32 [B]")                  \
+  X(const void*, k_new, nullptr, "[B, H, D] appended at cache_seqlens[b]; 0 = none") \
+  X(Strides, k_new_strides, {}, "(batch, head) strides of k_new")                    \
+  X(const void*, v_new, nullptr, "[B, H, D]; set exactly when k_new is")             \
+  X(Strides, v_new_strides, {}, "(batch, head) strides of v_new")                    \
+  X(void*, out, nullptr, "output, contiguous [B, H, D]")                             \
+  X(float*, o_part, nullptr, "float [B, H, splits, D]; 0 when num_splits == 1")      \
+  X(float*, lse, nullptr, "float [B, H, splits]; 0 when num_splits == 1")            \
+  X(int, batch, 0, "B (> 0)")                                                        \
+  X(int, heads, 0, "H (> 0)")                                                        \
+  X(int, t_max, 0, "cache positions T_max (> 0)")                                    \
+  X(int, head_dim, 0, "D: 32, 64 or 128")                                            \
+  X(int, num_splits, 0, "KV splits, 1..T_max")                                       \
+  X(float, scale, 0.f, "softmax scale (> 0)")
+G2F_PARAMS(DecodeAttentionParams, G2F_DECODE_ATTENTION_FIELDS);
 int decode_attention(const DecodeAttentionParams& p);
+
+#undef G2F_PARAMS
+#undef G2F_DECLARE_FIELD
 
 }  // namespace g2f
