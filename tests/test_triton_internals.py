@@ -446,7 +446,7 @@ def test_compile_check_finds_the_kernels_through_the_registry(monkeypatch):
     triton_ops = [r.op for r in ops.implementations() if r.backend == "triton"]
     assert names == [f"gpt2fast.ops.triton.{op}" for op in triton_ops]
     kernels = {c.kernel for c in cc.cases(False, 90)}
-    assert kernels == {"attention", "bias_gelu", "decode_split", "decode_combine", "layer_norm"}
+    assert kernels == {"attention", "bias_gelu", "decode_split", "decode_combine", "layer_norm", "reorder_cache"}
     monkeypatch.delitem(_registry._impls, ("bias_gelu", "triton"))  # an op the backend no longer implements ...
     assert "gpt2fast.ops.triton.bias_gelu" not in [m.__name__ for m in cc.kernel_modules()]  # ... is not compiled
 
