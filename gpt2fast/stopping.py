@@ -1,13 +1,13 @@
 """Stop strings on the device: transformers' ``StopStringCriteria`` as fixed-shape tensor ops, no host sync.
 
-A sequence stops when a stop string occurs in its text and that occurrence overlaps the start of its last
-token: it starts at or before the last token's first byte and ends after it (``["st", "op"]``,
-``["las", "topper"]`` and ``["stop"]`` stop on "stop"; ``["stop", "at"]`` or a last token "xstopx" does not,
-as in transformers).  Text is compared as bytes, which is what transformers does for byte-level BPE
+A sequence stops when a stop string occurs in its text and that occurrence ends inside its last token
+(``["st", "op"]``, ``["las", "topper"]``, ``["stop"]`` and a last token "xstopx" stop on "stop";
+``["stop", "at"]`` does not), as transformers' implementation decides (its end-overlap table).  Text is
+compared as bytes, which is what transformers does for byte-level BPE
 tokenizers such as GPT-2's.
 
 Each row keeps the last ``W`` bytes of its text in a window (``int16``, -1 where there is no text yet), with
-``W`` = the longest token + the longest stop string, enough for any occurrence that overlaps the last token.
+``W`` = the longest token + the longest stop string, enough for any occurrence that ends in the last token.
 A step appends the token's bytes (from a ``[V, M]`` table) and compares every offset of the window with every
 stop string.  Beam search extends the windows of candidate continuations the same way and reorders them with
 the beams.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 #: Window value where a row has no text yet (never equal to a byte).
@@ -72,11 +73,10 @@ class StopStrings:
         device = prompts.device
         pieces = token_bytes(tokenizer, vocab_size)
         width = max(1, max(len(p) for p in pieces))
-        table = torch.full((vocab_size, width), NO_BYTE, dtype=torch.int16)
+        table = np.full((vocab_size, width), NO_BYTE, dtype=np.int16)
         for i, p in enumerate(pieces):
-            if p:
-                table[i, : len(p)] = torch.tensor(list(p), dtype=torch.int16)
-        self.table = table.to(device)  # [V, M]
+            table[i, : len(p)] = np.frombuffer(p, dtype=np.uint8)
+        self.table = torch.from_numpy(table).to(device)  # [V, M]
         self.table_len = torch.tensor([len(p) for p in pieces], dtype=torch.long, device=device)  # [V]
         encoded = [st.encode("utf-8") for st in stop_strings]
         longest = max(len(e) for e in encoded)
@@ -98,7 +98,7 @@ class StopStrings:
         return joined.gather(1, cols)
 
     def matches(self, window: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``[R]`` bool: a stop string in ``window [R, W]`` overlaps the start of its last token ``tokens [R]``."""
+        """``[R]`` bool: a stop string in ``window [R, W]`` ends inside its last token ``tokens [R]``."""
         R, W = window.shape
         L = self.patterns.shape[1]
         padded = torch.cat([window, window.new_full((R, L - 1), NO_BYTE)], dim=1)  # an occurrence never runs past W
@@ -109,8 +109,8 @@ class StopStrings:
         found = same.all(-1)  # [R, S, W]: pattern s occurs at offset a (NO_BYTE padding never matches a byte)
         first = (W - self.table_len[tokens])[:, None, None]  # where the last token's bytes begin
         start = torch.arange(W, device=window.device)[None, None, :]
-        overlaps = (start <= first) & (start + self.pattern_len[None, :, None] > first)
-        return (found & overlaps).flatten(1).any(-1)
+        ends_in_last = start + self.pattern_len[None, :, None] > first
+        return (found & ends_in_last).flatten(1).any(-1)
 
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens [B]`` to the windows (in place); returns which rows now end in a stop string."""
