@@ -132,15 +132,12 @@ class BeamState:
     @classmethod
     def for_request(cls, model: GPT2, req: Request, prompt_width: int, tokenizer: object) -> BeamState:
         """The state of a validated beam-search call (the cache already set up for its rows)."""
+        from gpt2fast.generation import decode_inputs
+
         k = req.knobs
         cfg = BeamConfig(k.sampling, k.num_beams, k.length_penalty, k.early_stopping, k.max_new_tokens,
                          len(k.eos), k.stop_strings)  # fmt: skip
-        history = TokenHistory.from_prompts(req.prompts, req.lengths, req.cache_len + 1)
-        vocab, device = model.config.vocab_size, req.prompts.device
-        rules = LogitRules(k.sampling, list(k.eos), vocab, prompt_width, device)
-        stop = None
-        if k.stop_strings is not None:
-            stop = StopStrings(k.stop_strings, tokenizer, vocab, req.prompts, req.lengths)
+        history, rules, stop = decode_inputs(model, req, prompt_width, tokenizer)
         # transformers fills unused positions with `pad_token_id or eos_token_id[0]` (a pad id of 0 gives the EOS)
         fill = (k.pad_token_id or k.eos[0]) if k.eos else req.pad_id
         cache, K = model.cache, k.num_beams

@@ -393,9 +393,11 @@ def prepare(
     return Request(prompts, lengths, eos_ids, pad_id, cache_len, k)
 
 
-def _sampling_state(
-    model: GPT2, req: Request, prompt_width: int, generator: torch.Generator | None, tokenizer: object
-) -> DecodeState:
+def decode_inputs(
+    model: GPT2, req: Request, prompt_width: int, tokenizer: object
+) -> tuple[TokenHistory, LogitRules, StopStrings | None]:
+    """The per-row token history, the processors' tensors and the stop-string windows of a validated call (shared
+    by sampling and beam search)."""
     k = req.knobs
     history = TokenHistory.from_prompts(req.prompts, req.lengths, req.cache_len + 1)
     vocab, device = model.config.vocab_size, req.prompts.device
@@ -403,7 +405,7 @@ def _sampling_state(
     stop = None
     if k.stop_strings is not None:
         stop = StopStrings(k.stop_strings, tokenizer, vocab, req.prompts, req.lengths)
-    return DecodeState(k.sampling, history, req.eos_ids, req.pad_id, generator, rules, stop)
+    return history, rules, stop
 
 
 def _start(
@@ -439,7 +441,8 @@ def _start(
 
         state = beam.BeamState.for_request(model, req, input_ids.shape[1], tokenizer)
     else:
-        state = _sampling_state(model, req, input_ids.shape[1], generator, tokenizer)
+        history, rules, stop = decode_inputs(model, req, input_ids.shape[1], tokenizer)
+        state = DecodeState(k.sampling, history, req.eos_ids, req.pad_id, generator, rules, stop)
     step = make_step(model, state, use_cuda_graph)
     can_stop = k.num_beams > 1 or req.eos_ids is not None or k.stop_strings is not None
 

@@ -13,21 +13,15 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from gpt2fast.cli._common import (
     DTYPES,
     Subparsers,
     UsageError,
     add_model_args,
     consoles,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    resolve_dtype,
     spinner,
 )
-from gpt2fast.cli.generate import _check, add_generation_args, generation_kwargs
+from gpt2fast.cli.generate import _check, add_generation_args, generation_kwargs, load_for_generation
 
 
 def read_lines(option: str, path: Path) -> list[str]:
@@ -80,14 +74,8 @@ def run_bleu(args: argparse.Namespace) -> int:
     empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise UsageError(f"--prompts line {empty[0]} is empty; every prompt needs some text")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    tok = load_tokenizer(args)
-    model = load_model(args, device, dtype, err)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
+    _, _, tok, model, gen = load_for_generation(args, err)
     kw = generation_kwargs(args, tok)
-    gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     with spinner(err, f"generating {len(prompts)} continuations"):
         hypotheses = continuations(model, tok, prompts, kw, args.batch_size, gen)
     result = score(hypotheses, references)

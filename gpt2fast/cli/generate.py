@@ -103,6 +103,18 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--stop is empty; give the text to stop at")
 
 
+def load_for_generation(args: argparse.Namespace, err) -> tuple:
+    """``(device, dtype, tokenizer, model, generator)`` of a generating command's options."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    tok = load_tokenizer(args)
+    model = load_model(args, device, dtype, err)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UsageError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
+    gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    return device, dtype, tok, model, gen
+
+
 def run(args: argparse.Namespace) -> int:
     """Stream a completion of ``--prompt`` to stdout (beam search: print the best beam at the end); report tokens/s
     on stderr."""
@@ -111,14 +123,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if not prompt:
         raise UsageError("--prompt is empty; give some text to continue")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    tok = load_tokenizer(args)
-    model = load_model(args, device, dtype, err)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UsageError(f"the tokenizer has {tok.vocab_size} ids but the model only {model.config.vocab_size}")
+    device, dtype, tok, model, gen = load_for_generation(args, err)
     batch = tok.encode_batch([prompt], device=device)
-    gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     kw = generation_kwargs(args, tok)
     stop = kw["eos_token_id"]
     out.print(prompt, end="", style="bold", markup=False, highlight=False)
