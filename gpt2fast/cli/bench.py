@@ -104,7 +104,7 @@ def add_parser(subparsers: Subparsers) -> None:
 
     t = sub.add_parser("train", help="training step (forward+backward+AdamW): gpt2fast vs transformers")
     t.add_argument("--size", type=_csv(str, "--size"), default=None, help="default gpt2,gpt2-medium (tiny on CPU)")
-    t.add_argument("--shape", type=_shapes, default=None, help="BxT list (default 8x1024,32x512; 2x32 on CPU)")
+    t.add_argument("--shape", type=_shapes, default=None, help="BxT list (default 8x1024,32x512; 2x8 on CPU)")
     t.add_argument("--autocast", choices=list(AUTOCAST), default=None, help="default bf16 on CUDA, none on CPU")
     t.add_argument("--dropout", type=float, default=0.0, help="every dropout probability, all providers (0)")
     t.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 on CPU)")
@@ -236,7 +236,7 @@ def run_train(args: argparse.Namespace) -> int:
     autocast = AUTOCAST[args.autocast or ("none" if cpu else "bf16")]
     opts = train.Options(
         sizes=tuple(sizes),
-        shapes=args.shape or (((2, 32),) if cpu else ((8, 1024), (32, 512))),
+        shapes=args.shape or (((2, 8),) if cpu else ((8, 1024), (32, 512))),
         autocast=autocast,
         dropout=args.dropout,
         steps=args.steps or (2 if cpu else 10),
