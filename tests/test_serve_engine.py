@@ -13,8 +13,7 @@ import torch
 
 from gpt2fast import GPT2, GPT2Config, cuda_graph
 from gpt2fast.sampling import TokenHistory, apply_top_k
-from gpt2fast.serve import Engine, EngineThread, QueueFull, RequestError, SamplingParams
-from gpt2fast.serve import slots
+from gpt2fast.serve import Engine, EngineThread, QueueFull, RequestError, SamplingParams, slots
 from gpt2fast.serve.engine import buckets_for
 
 CFG = GPT2Config(vocab_size=97, n_positions=96, n_embd=64, n_layer=2, n_head=2)
