@@ -11,7 +11,7 @@ $(BIN)/activate:
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,triton,hf,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,triton,hf,bench,serve]"
 
 venv: $(BIN)/activate
 

@@ -191,16 +191,17 @@ def test_engine_thread_serves_concurrent_submitters_and_drains(model):
 
 
 # ---- per-slot sampling -----------------------------------------------------------------------------------------
-def test_gumbel_sampling_draws_from_the_softmax():
+def test_sampling_draws_from_the_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
-    vocab_hash = slots.mix32(torch.arange(5))
     n = 4000
     keys = slots.row_keys(torch.arange(n), torch.zeros(n, dtype=torch.long))  # n seeds, first token each
-    draws = slots.gumbel_argmax(logits.expand(n, 5), keys, vocab_hash)
+    draws = slots.sample_rows(logits.expand(n, 5), keys)
     freq = torch.bincount(draws, minlength=5).double() / n
     p = torch.softmax(logits[0].double(), 0)
     assert freq[4] == 0
     assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-9), (freq, p)
+    later = slots.sample_rows(logits.expand(n, 5), slots.row_keys(torch.arange(n), torch.ones(n, dtype=torch.long)))
+    assert (later != draws).float().mean() > 0.3  # the next token of a seed draws afresh
 
 
 def test_mix32_is_exact_32_bit_arithmetic():
@@ -234,7 +235,7 @@ def test_select_masks_rows_that_are_not_live():
     logits = torch.zeros(3, 11)
     logits[:, 3] = 1.0
     table.floats[:, 0] = 0.0  # greedy
-    out = slots.select(logits, table, slots.mix32(torch.arange(11)))
+    out = slots.select(logits, table)
     assert out.tolist() == [[3, 8, 9], [0, 1, 0], [1, 0, 0]]
     assert table.history.lengths.tolist() == [1, 0, 0] and table.column("generated").tolist() == [1, 0, 0]
     assert isinstance(table.history, TokenHistory)

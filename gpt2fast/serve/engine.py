@@ -364,7 +364,6 @@ class Engine(RequestQueue):
         self.use_cuda_graph = _graphs_wanted(self.device, use_cuda_graph)
         self.cache = model.setup_cache(max_batch, max_len)
         self.table = SlotTable(max_batch, max_len + 1, max_stop_ids, self.device)
-        self._vocab_hash = slots.mix32(torch.arange(self.vocab_size, device=self.device))
         self.buckets = buckets_for(max_batch)
         self._slot_caches = [self._rows_cache(s, s + 1) for s in range(max_batch)]
         self._bucket_caches = {b: self._rows_cache(0, b) for b in self.buckets}
@@ -435,7 +434,7 @@ class Engine(RequestQueue):
             budget -= n
             if r.progress == len(r.prompt):  # the prompt is in: pick the first token
                 self.table.active[s] = True
-                packs.append(slots.select(logits, self.table.rows(s, s + 1), self._vocab_hash, _features([r])))
+                packs.append(slots.select(logits, self.table.rows(s, s + 1), _features([r])))
                 order.append(s)
                 self._prefilling.remove(r)
                 self._decoding.add(s)
@@ -465,7 +464,7 @@ class Engine(RequestQueue):
             live = table.active & ~table.done
             logits = model.decode_step(tokens, check_ids=False)
             cache.seqlens -= (~live).int()  # rows that did not decode keep their length
-            return slots.select(logits, table, self._vocab_hash, features)
+            return slots.select(logits, table, features)
 
         return step
 

@@ -38,9 +38,6 @@ from gpt2fast.serve.protocol import APIError, ChoiceText, CompletionRequest
 if TYPE_CHECKING:
     from gpt2fast.tokenizer import Tokenizer
 
-#: How often a non-streaming request checks whether its client is still there (seconds).
-DISCONNECT_POLL_S = 0.25
-
 
 def create_app(
     engine: EngineLike,
@@ -129,6 +126,7 @@ class _Call:
         self.texts = [ChoiceText(tokenizer, creq.stop) for _ in items]
         self.counts = [0] * len(items)
         self.pending = set(range(len(items)))
+        self.disconnected = False
 
     def apply(self, index: int, event: TokenEvent) -> str | None:
         """Fold one event into its choice; returns the text to send (None: the choice had already ended)."""
@@ -166,23 +164,32 @@ async def _serve(creq: CompletionRequest, request: Request, runner: EngineThread
     if creq.stream:
         return StreamingResponse(_stream(call, cid, created), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, call))
     try:
         while call.pending:
-            try:
-                index, event = await asyncio.wait_for(call.events.get(), timeout=DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    call.cancel()
-                    return Response(status_code=499)
-                continue
+            index, event = await call.events.get()
             call.apply(index, event)
     except BaseException:
         call.cancel()
         raise
+    finally:
+        watcher.cancel()
+    if call.disconnected:
+        return Response(status_code=499)  # nobody is listening
     if any(t.finish_reason == "error" for t in call.texts):
         raise APIError(500, "the engine failed while generating; see the server log", None, "server_error")
     choices = [protocol.choice(i, t.text, t.finish_reason) for i, t in enumerate(call.texts)]
     return JSONResponse(protocol.completion(cid, creq.model, choices, call.usage(), created))
+
+
+async def _cancel_on_disconnect(request: Request, call: _Call) -> None:
+    """Wait for the client to go away (its ``http.disconnect``), then cancel the call's requests."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            call.disconnected = True
+            call.cancel()
+            return
 
 
 def _sse(obj: dict | str) -> str:

@@ -7,8 +7,8 @@ the table in place and returns ``[3, R]`` (token, done, live) for the one host r
 pure tensor code with fixed shapes and no host sync, so a decode step that ends in it can be captured in a
 CUDA graph; :class:`Features` lets an eager step skip processors that no row uses.
 
-Sampling draws Gumbel noise from a counter-based hash of (seed, tokens generated so far, vocabulary id), so a
-seeded request gives the same tokens whatever else shares the batch, and the step needs no RNG state.
+Sampling inverts each row's CDF at a uniform hashed from (seed, tokens generated so far), so a seeded request
+gives the same tokens whatever else shares the batch, and the step needs no RNG state.
 Each processor follows transformers' of the same name, in its order: repetition penalty, temperature, top-k,
 top-p (reusing :mod:`gpt2fast.sampling`'s functions with per-row tensors where they broadcast).
 """
@@ -45,12 +45,18 @@ def row_keys(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return mix32(lo ^ mix32(hi ^ mix32(counter & _M32)))
 
 
-def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
-    """A draw from ``softmax(logits)`` per row (the Gumbel-max trick) with noise hashed from ``keys [R]`` and
-    ``vocab_hash [V]`` (:func:`mix32` of the ids): reproducible, no RNG state, no host sync."""
-    h = mix32(keys[:, None] ^ vocab_hash[None, :])  # [R, V]
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1)
-    return (logits - torch.log(-torch.log(u))).argmax(dim=-1)
+def uniform(keys: torch.Tensor) -> torch.Tensor:
+    """One uniform float32 in (0, 1) per 32-bit key (24 random bits)."""
+    return ((mix32(keys) >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_rows(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One draw per row from ``softmax(logits [R, V])`` by inverting its CDF at a uniform hashed from ``keys [R]``:
+    reproducible per key, no RNG state, no host sync, and only ``[R]`` random numbers per step.  A token of
+    probability 0 is never drawn."""
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # [R, V]
+    target = uniform(keys)[:, None] * cdf[:, -1:]  # in (0, total): rounding cannot run past the last token
+    return torch.searchsorted(cdf, target).clamp_(max=logits.shape[-1] - 1)[:, 0]
 
 
 def apply_top_k_rows(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -137,7 +143,7 @@ def append_live(history: TokenHistory, tokens: torch.Tensor, live: torch.Tensor)
     history.lengths += keep.long()
 
 
-def select(logits: torch.Tensor, table: SlotTable, vocab_hash: torch.Tensor, features: Features = ALL) -> torch.Tensor:
+def select(logits: torch.Tensor, table: SlotTable, features: Features = ALL) -> torch.Tensor:
     """Pick the next token of every live row (``active`` and not ``done``) of ``table`` from ``logits [R, V]``
     with that row's settings; update its history, count, ``done`` flag and ``last`` token in place.
 
@@ -156,7 +162,7 @@ def select(logits: torch.Tensor, table: SlotTable, vocab_hash: torch.Tensor, fea
             y = apply_top_k_rows(y, table.column("top_k"))
         if features.top_p:
             y = apply_top_p(y, table.column("top_p")[:, None])
-        drawn = gumbel_argmax(y, row_keys(table.column("seed"), table.column("generated")), vocab_hash)
+        drawn = sample_rows(y, row_keys(table.column("seed"), table.column("generated")))
         token = torch.where(t > 0, drawn, token)
     token = torch.where(live, token, table.last)
     append_live(table.history, token, live)
