@@ -1,4 +1,4 @@
-"""``gpt2fast bench kernels`` and ``gpt2fast bench e2e``: argument parsing and handlers.
+"""``gpt2fast bench kernels``, ``bench e2e`` and ``bench serve`` (its parser: gpt2fast.bench.serve): handlers.
 
 The benchmarks themselves are the library :mod:`gpt2fast.bench`.  Every handler returns an exit code (0 ok,
 1 a provider produced a wrong result or nothing ran); bad arguments raise :class:`UsageError` (exit 2).
@@ -54,7 +54,7 @@ def _bench(module: str) -> ModuleType:
 def add_parser(subparsers: Subparsers) -> None:
     """Add ``bench`` with its ``kernels`` and ``e2e`` subcommands to the ``gpt2fast`` subparsers."""
     bench = subparsers.add_parser("bench", help="kernel and end-to-end benchmarks (JSON, plots, tables)")
-    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
+    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e,serve}", required=True)
 
     k = sub.add_parser("kernels", help="time every op on every backend against torch / torch.compile / SDPA")
     k.add_argument("--op", type=_csv(str, "--op"), default=None, help="registered ops, comma-separated (default all)")
@@ -86,6 +86,10 @@ def add_parser(subparsers: Subparsers) -> None:
     e.add_argument("--json", type=Path, help="write the results document here")
     e.add_argument("--markdown", type=Path, help="write the markdown summary here")
     e.set_defaults(func=run_e2e)
+
+    from gpt2fast.bench import serve  # its parser and handler live with the benchmark (stdlib imports only)
+
+    serve.add_parser(sub)
 
 
 def _log(msg: str) -> None:

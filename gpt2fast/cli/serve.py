@@ -43,6 +43,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--port must lie in [0, 65535], got {args.port}")
     if args.max_len is not None and args.max_len < 2:
         raise UsageError(f"--max-len must be >= 2, got {args.max_len}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"gpt2fast serve needs the serve extra (pip install 'gpt2fast[serve]'): {exc}") from None
     _, err = consoles()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     tok = load_tokenizer(args)
@@ -93,6 +99,7 @@ def add_parser(sub: Subparsers) -> None:
         default="gpt2fast",
         help="gpt2fast (continuous batching) or naive (transformers generate per request: the baseline)",
     )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU; default torch's)")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds shutdown waits for running requests")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
