@@ -248,10 +248,12 @@ def run(opts: Options, log=print) -> dict:
     opts.validate()
     doc = results.new_document("serve", results.run_metadata(torch.device(opts.device)), None)
     doc["options"] = asdict(opts)
+    doc["meta"]["load_average_start"] = os.getloadavg()  # a shared CPU's other work shows here
     doc["command"] = " ".join(["gpt2fast", "bench", "serve", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "serve"] \
         else None  # fmt: skip
     for engine in opts.engines:
         doc["records"].extend(bench_engine(opts, engine, log))
+    doc["meta"]["load_average_end"] = os.getloadavg()
     doc["ratio"] = ratios(doc["records"])
     return doc
 
