@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from test_cuda_graph import fake_capture  # the stand-in for CUDA-graph capture on CPU
 
 from gpt2fast import GPT2, GPT2Config, cuda_graph
 from gpt2fast.sampling import TokenHistory, apply_top_k
@@ -242,22 +243,13 @@ def test_select_masks_rows_that_are_not_live():
 
 
 # ---- the CUDA-graph plumbing, with a stand-in capture on CPU -----------------------------------------------------
-class _FakeGraph:
-    def __init__(self, fn, out):
-        self.fn, self.out, self.replays = fn, out, 0
-
-    def replay(self):
-        self.out.copy_(self.fn())
-        self.replays += 1
-
-
 def test_graph_steps_per_bucket_give_the_eager_tokens(model, monkeypatch):
     captured = []
 
     def capture(fn, generator, device):
-        g = _FakeGraph(fn, fn())
-        captured.append(g)
-        return g, g.out
+        graph, out = fake_capture(fn, generator, device)
+        captured.append(graph)
+        return graph, out
 
     monkeypatch.setattr(cuda_graph, "_capture", capture)
     ps = prompts(3, 17, 8, 30, 2)

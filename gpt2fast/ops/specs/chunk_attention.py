@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import BadInput, BenchCase, Inputs, OpSpec, Traffic, View, seeded_randn
+from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, View, seeded_randn
 
 MUTATES = ("k_cache", "v_cache")  # the append writes the caches in place
 ARGS = ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "scale")
@@ -66,26 +66,12 @@ def validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, check_seql
     v.check_shape("v_new", v_new, (b, h, t, d))
     if t > t_max:
         raise ValueError(f"the chunk has T = {t} tokens but the caches hold only T_max = {t_max} positions")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if v.has_internal_overlap(cache):
-            raise ValueError(
-                f"{name} has overlapping strides {tuple(cache.stride())} for shape {v.fmt(cache.shape)} (e.g. an "
-                "expand()-ed view); the chunk is written into the cache in place, so pass a tensor with distinct "
-                "memory per element"
-            )
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be an int32 torch.Tensor, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    v.check_shape("cache_seqlens", cache_seqlens, (b,))
-    if cache_seqlens.device != q.device:
-        raise RuntimeError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    v.check_writable_caches(k_cache, v_cache, "the chunk is written into the cache in place")
+    v.check_cache_seqlens(cache_seqlens, b, q)
     v.check_scale(scale)
-    if not check_seqlens or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    hi = v.longest_seqlen(cache_seqlens, check_seqlens)
+    if hi is None:
         return
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-    if lo < 0:
-        raise ValueError(f"cache_seqlens has a negative length ({lo})")
     if hi + t > t_max:
         raise ValueError(f"cache_seqlens has length {hi}: appending a chunk of {t} would overflow the cache "
                          f"(T_max = {t_max})")  # fmt: skip
@@ -211,12 +197,23 @@ def _rn(*shape: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     return torch.randn(*shape).to(dtype=dtype, device=device)
 
 
-def _args(*, b=2, h=2, t=3, t_max=8, d=32, seqlens=(0, 5), **over) -> Inputs:
-    kw = dict(q=_rn(b, h, t, d), k_cache=_rn(b, h, t_max, d), v_cache=_rn(b, h, t_max, d),
-              cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), k_new=_rn(b, h, t, d), v_new=_rn(b, h, t, d),
-              scale=None)  # fmt: skip
+def _args(*, b=2, h=2, t=3, t_max=8, d=32, seqlens=(0, 5), device="cpu", **over) -> Inputs:
+    rn = lambda *shape: _rn(*shape, device=device)
+    kw = dict(q=rn(b, h, t, d), k_cache=rn(b, h, t_max, d), v_cache=rn(b, h, t_max, d),
+              cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=device), k_new=rn(b, h, t, d),
+              v_new=rn(b, h, t, d), scale=None)  # fmt: skip
     kw.update(over)
     return kw
+
+
+EDGE_INPUTS = (
+    EdgeInput("chunk-head-dim-16", "head dim 16", lambda d: _args(d=16, device=d)),
+    EdgeInput("chunk-cache-slice", "caches sliced along T_max (big[:, :, :8])",
+              lambda d: _args(k_cache=_rn(2, 2, 12, 32, device=d)[:, :, :8],
+                              v_cache=_rn(2, 2, 12, 32, device=d)[:, :, :8], device=d)),
+    EdgeInput("chunk-q-strided", "q[..., ::2] (last-dim stride 2)",
+              lambda d: _args(q=_rn(2, 2, 3, 64, device=d)[..., ::2], device=d)),
+)  # fmt: skip
 
 
 BAD_INPUTS = (
