@@ -10,27 +10,20 @@ import threading
 
 import pytest
 import torch
-from test_cuda_graph import fake_capture  # the stand-in for CUDA-graph capture on CPU
+from test_cuda_graph import CFG, fake_capture, tiny_gpt2  # a varied tiny model; CUDA-graph capture's stand-in
 
-from gpt2fast import GPT2, GPT2Config, cuda_graph
+from gpt2fast import GPT2, cuda_graph
 from gpt2fast.sampling import TokenHistory, apply_top_k
 from gpt2fast.serve import Engine, EngineThread, QueueFull, RequestError, SamplingParams, slots
 from gpt2fast.serve.engine import buckets_for
 
-CFG = GPT2Config(vocab_size=97, n_positions=96, n_embd=64, n_layer=2, n_head=2)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def model() -> GPT2:
-    """Weights N(0, 0.2): greedy continuations vary instead of repeating one token."""
-    torch.manual_seed(0)
-    m = GPT2(CFG).eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if ".ln_" not in f".{name}":
-                p.normal_(0.0, 0.2)
-    return m
+    """Weights N(0, 0.2) (test_cuda_graph's tiny model): greedy continuations vary instead of repeating a token."""
+    return tiny_gpt2()
 
 
 def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
@@ -133,7 +126,7 @@ def test_queue_full_and_bad_requests(model):
     bad = [
         ([], GREEDY, "prompt", "non-empty"),
         ([1, 97], GREEDY, "prompt", r"\[0, 97\)"),
-        (prompts(90)[0], SamplingParams(max_tokens=7), "max_tokens", "exceeds the context of 96"),
+        (prompts(125)[0], SamplingParams(max_tokens=4), "max_tokens", "exceeds the context of 128"),
         ([1], SamplingParams(max_tokens=0), "max_tokens", ">= 1"),
         ([1], SamplingParams(temperature=-1.0), "temperature", ">= 0"),
         ([1], SamplingParams(top_p=0.0), "top_p", r"\(0, 1\]"),
