@@ -254,3 +254,23 @@ def test_graph_steps_per_bucket_give_the_eager_tokens(model, monkeypatch):
     assert [r.output for r in engine.generate(ps, mixed)] == eager
     assert set(engine._graph_steps) <= set(engine.buckets) and len(captured) == len(engine._graph_steps) >= 2
     assert all(g.replays > 0 for g in captured)
+
+
+# ---- GPU: captured decode steps against eager ones and offline generate (UNVERIFIED: never run here) ---------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_engine_matches_eager_and_offline(dtype):
+    model = tiny_gpt2("cuda", dtype)
+    ps = prompts(3, 17, 8, 30, 2, 45)
+    mixed = [GREEDY, SamplingParams(max_tokens=8, temperature=0.8, top_k=10, top_p=0.9, seed=1), GREEDY,
+             SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3), GREEDY, GREEDY]  # fmt: skip
+    eager = Engine(model, max_batch=4, prefill_chunk=16, use_cuda_graph=False).generate(ps, mixed)
+    graphed_engine = Engine(model, max_batch=4, prefill_chunk=16)
+    assert graphed_engine.use_cuda_graph
+    graphed = graphed_engine.generate(ps, mixed)
+    assert [r.output for r in graphed] == [r.output for r in eager]
+    assert graphed_engine._graph_steps and all(s.graph is not None for s in graphed_engine._graph_steps.values())
+    if dtype == torch.float32:
+        for p, params, r in zip(ps, mixed, graphed):
+            if params is GREEDY:
+                assert r.output == offline(model, p, 10)
