@@ -105,6 +105,8 @@ def test_sweeps():
     assert {c.op for c in kernels.cases("cpu")} == {s.name for s in ops.specs()}
     assert {c.op for c in kernels.cases("cpu", ["attention"])} == {"attention"}
     full = kernels.cases("full")
+    for case in quick + full + kernels.cases("cpu"):  # the plots' x-axis is shape[sweep]
+        assert case.sweep in case.shape, (case.op, case.sweep, sorted(case.shape))
     assert {c.shape["n"] for c in full if c.op == "bias_gelu"} == {3072, 4096, 5120, 6400}
     assert max(c.shape["rows"] for c in full if c.op == "layer_norm") == 65536
     assert max(c.shape["seq"] for c in full if c.op == "attention") == 8192
@@ -281,6 +283,15 @@ def test_kernels_cli_returns_1_on_a_wrong_result(monkeypatch, tmp_path):
     assert {r["provider"] for r in doc["records"] if not r["check"]["ok"]} == {"wrong"}
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert pngs == ["bias_gelu_float32_N_192.png", "bias_gelu_float32_N_400.png"]
+
+
+def test_plots_draw_every_group_of_the_kernels_json(kernels_doc, tmp_path):
+    from gpt2fast.bench import plots
+
+    written = plots.plot_kernels(kernels_doc, tmp_path)
+    for op in BUILTIN_OPS:
+        assert any(p.name.startswith(op + "_") for p in written), (op, [p.name for p in written])
+    assert all(p.stat().st_size > 0 for p in written)
 
 
 def test_report_markdown_from_json(kernels_doc, tmp_path, capsys):

@@ -251,7 +251,7 @@ def _bench(groups, beams, t_max, live, sweep, group, target=False) -> BenchCase:
     # every beam continues beam 0 or keeps its own row: the reorder is idempotent, so the timing loop's repeated
     # calls leave the result the checked one
     sources = [0 if j % 2 else j for j in range(beams)] * groups
-    shape = dict(layers=12, groups=groups, beams=beams, heads=12, t_max=t_max, head_dim=64,
+    shape = dict(layers=12, groups=groups, beams=beams, heads=12, t_max=t_max, head_dim=64, live=live,
                  seqlens=[live] * groups, sources=sources)  # fmt: skip
     return BenchCase("reorder_cache", shape, sweep, group, target)
 
