@@ -218,3 +218,31 @@ def test_gpu_training_step_replays_in_a_cuda_graph(backend):
     torch.cuda.synchronize()
     for e, c in zip(eager, captured, strict=True):
         assert torch.equal(e, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name",
+    ["cuda_layer_norm", "cuda_layer_norm_residual", "cuda_bias_gelu", "cuda_layer_norm_backward",
+     "cuda_bias_gelu_backward", "cuda_attention", "cuda_decode_attention"],
+)  # fmt: skip
+def test_gpu_opcheck_cuda_custom_ops(name):
+    """torch.library.opcheck of every cuda custom op (schema, fake, autograd registration; forward and backward for
+    the differentiable ones).  Unverified: no GPU has run it yet."""
+    if not ops.backend_status("cuda", DEVICE).available:
+        pytest.skip("cuda backend unavailable")
+    grad = name in ("cuda_layer_norm", "cuda_layer_norm_residual", "cuda_bias_gelu")
+    x, w, b = (_leaf(*s, dtype=torch.float16) for s in ((4, 64), (64,), (64,)))
+    x, w, b = (t.detach().requires_grad_(grad) for t in (x, w, b))
+    q, kc, vc = (torch.randn(*s, device=DEV, dtype=torch.float16) for s in ((2, 2, 64), (2, 2, 8, 64), (2, 2, 8, 64)))
+    lengths = torch.tensor([2, 5], device=DEV, dtype=torch.int32)
+    args = {
+        "cuda_layer_norm": (x, w, b, 1e-5),
+        "cuda_layer_norm_residual": (x, w, b, 1e-5, x.detach().clone().requires_grad_(grad)),
+        "cuda_bias_gelu": (x, b),
+        "cuda_layer_norm_backward": (x, x.clone(), w, 1e-5, x.clone()),
+        "cuda_bias_gelu_backward": (x, x.clone(), b),
+        "cuda_attention": (kc, kc.clone(), vc, True, 0.125),
+        "cuda_decode_attention": (q, kc, vc, lengths, None, None, 0.125),
+    }[name]
+    torch.library.opcheck(getattr(torch.ops.gpt2fast, name).default, args)
