@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 TINY = GPT2Config.from_name("tiny")
 BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention", "reorder_cache")
 #: The training ops whose benchmark sweeps have target shapes too.
-TRAINING_OPS = ("linear_cross_entropy",)
+TRAINING_OPS = ("linear_cross_entropy", "layer_norm_backward", "bias_gelu_backward", "attention_backward")
 
 
 def bench(*argv: str) -> int:

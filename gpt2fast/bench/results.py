@@ -43,6 +43,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
         "pct_matmul_peak",
         "speedup",
         "check",
+        "peak_mem_bytes",
     ),
     "e2e": (
         "size",

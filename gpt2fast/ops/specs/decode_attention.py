@@ -57,6 +57,12 @@ def validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, check_seql
     v.check_float("k_cache", k_cache)
     v.check_rank("k_cache", k_cache, 4, "[B, H, T_max, D]")
     v.check_same("q", q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"decode_attention is inference-only (it has no backward), but {name} requires grad; "
+                "call it under torch.no_grad() / torch.inference_mode() or pass detached tensors"
+            )
     b, h, d = q.shape
     t_max = k_cache.shape[2]
     v.check_shape("k_cache", k_cache, (b, h, t_max, d))
@@ -234,6 +240,9 @@ EDGE_INPUTS = (
 )  # fmt: skip
 
 BAD_INPUTS = (
+    BadInput("dec-requires-grad", "q requires grad with grad mode on (a training step)",
+             lambda: _args(q=_rn(2, 2, 32).requires_grad_()),
+             RuntimeError, r"decode_attention is inference-only \(it has no backward\), but q requires grad"),
     BadInput("dec-q-rank", "q 4-D", lambda: _args(q=_rn(2, 2, 1, 32)),
              ValueError, r"q must be 3-D \[B, H, D\], got shape \[2, 2, 1, 32\]"),
     BadInput("dec-kcache-rank", "k_cache 3-D", lambda: _args(k_cache=_rn(2, 2, 8)),
