@@ -301,7 +301,7 @@ def test_every_custom_op_is_opchecked():
         for n in dir(torch.ops.gpt2fast_triton)
         if isinstance(getattr(torch.ops.gpt2fast_triton, n), torch._ops.OpOverloadPacket)
     }
-    assert namespace == set(OPCHECKED) | {"reorder_cache"}  # (reorder_cache's opcheck is in tests/test_reorder_cache.py)
+    assert namespace == set(OPCHECKED) | {"reorder_cache"}  # (its opcheck is in tests/test_reorder_cache.py)
 
 
 # ---- supports: what the kernels cannot take, decided on metadata (meta tensors carry strides, no memory) ------
