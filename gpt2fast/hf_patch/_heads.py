@@ -15,6 +15,8 @@ as given.  ``GPT2DoubleHeadsModel``'s language-model loss is its plain mean cros
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -43,7 +45,11 @@ def fused_loss_reason(model, *, custom_loss: bool) -> str | None:
 
 
 def causal_lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor | None, loss_kwargs: dict):
-    """transformers' causal-LM loss from ``hidden`` ``[..., T, C]``: ``(loss, None)``, or ``(None, reason)``."""
+    """transformers' causal-LM loss from ``hidden`` ``[..., T, C]``: ``(loss, None)``, or ``(None, reason)``.
+
+    Under autocast the LM head's matmul runs in the autocast dtype (as ``lm_head(h)`` does there): hidden and
+    weight are cast to it and the op runs with autocast off, so its own fp32 softmax and sums stay as specified.
+    """
     ignore_index = loss_kwargs.get("ignore_index", -100)
     shift_labels = loss_kwargs.get("shift_labels")
     num_items = loss_kwargs.get("num_items_in_batch")
@@ -51,15 +57,19 @@ def causal_lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor | None, los
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     weight = model.lm_head.weight
     h = hidden.reshape(-1, hidden.shape[-1])
-    h = h if h.dtype == weight.dtype else h.to(weight.dtype)  # autocast: the LayerNorm's fp32 output
+    device = h.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
+    h, weight = h.to(dtype), weight.to(dtype)
     target = shift_labels.reshape(-1).to(h.device)
-    reduction = "mean" if num_items is None else "sum"
+    args = (h, weight, target, ignore_index, "mean" if num_items is None else "sum")
     backend = model._gpt2fast_options.backend
     if backend not in (None, ops.AUTO):
-        reason = ops.supported(LCE, backend, h, weight, target, ignore_index, reduction)
+        reason = ops.supported(LCE, backend, *args)
         if reason is not None:
             return None, reason
-    loss = ops.linear_cross_entropy(h, weight, target, ignore_index=ignore_index, reduction=reduction, backend=backend)
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        loss = ops.linear_cross_entropy(*args, backend=backend)
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     return loss.float(), None

@@ -46,10 +46,6 @@ def check_device(backend: str | None, device: torch.device) -> None:
     _checked_devices.add((backend, device))
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``x`` produces here (autocast's, when autocast is on for its device)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -93,13 +89,16 @@ class MLPMixin:
         """``dropout(c_proj(gelu_tanh(x @ W_fc + b_fc)))``; the original forward where gpt2fast cannot serve it."""
         fc = self.c_fc
         reason = self._gpt2fast_reason(x)
-        if reason is not None:
+        if reason is None:
+            h = torch.matmul(x, fc.weight)  # Conv1D's weight is [in, out]; its bias is added inside the GELU kernel
+            args = (h, fc.bias.to(h.dtype))
+            backend = _backend(self)
+            reason = ops.supported("bias_gelu", backend, *args) if _named(backend) else None
+        if reason is not None:  # (a named backend declining at run time costs the matmul twice)
             _record(self, "mlp", FALLBACK + reason)
             return super().forward(x)
         _record(self, "mlp", "gpt2fast.bias_gelu")
-        h = torch.matmul(x, fc.weight)  # Conv1D's weight is [in, out]; its bias is added inside the GELU kernel
-        h = ops.bias_gelu(h, fc.bias.to(h.dtype), backend=_backend(self))
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(ops.bias_gelu(*args, backend=backend)))
 
     def _gpt2fast_reason(self, x: torch.Tensor) -> str | None:
         if not isinstance(self.act, _lay.tanh_gelu_classes):
@@ -110,13 +109,7 @@ class MLPMixin:
             return f"mixed dtypes {x.dtype}/{fc.weight.dtype}"
         if dtype not in FLOAT_DTYPES:
             return f"dtype {dtype}"
-        backend = _backend(self)
-        if not _named(backend):
-            return None
-        grad = _needs_grad(x, fc.weight, fc.bias)
-        n = fc.weight.shape[1]
-        h = torch.empty((*x.shape[:-1], n), dtype=dtype, device="meta", requires_grad=grad)
-        return ops.supported("bias_gelu", backend, h, torch.empty(n, dtype=dtype, device="meta", requires_grad=grad))
+        return None
 
 
 # ---- attention ------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 #: Route prefix of a call that ran a gpt2fast op (``"gpt2fast.attention"``); every other route is a fallback.
 FAST = "gpt2fast."
 #: Route prefix of a call that ran the model's own transformers code (``"fallback: output_attentions=True"``).
@@ -15,8 +17,9 @@ class HFPatchStats:
 
     ``site`` is one of :data:`SITES`; ``route`` is ``"gpt2fast.<op>"`` when a gpt2fast op ran, or
     ``"fallback: <reason>"`` when the model's own (configured) transformers code ran.  One object is shared by
-    every patched module of a model; ``copy.deepcopy``/``torch.load`` give the copy its own.  The counts are a
-    plain dict, so ``torch.compile`` replays the increments of compiled calls as it does any Python side effect.
+    every patched module of a model; ``copy.deepcopy``/``torch.load`` give the copy its own.  Calls traced into a
+    ``torch.compile`` graph are not counted: reading a count there would make the graph guard on it and recompile
+    on every call (the eager parts of a compiled model, e.g. around a graph break, are counted).
     """
 
     def __init__(self) -> None:
@@ -24,6 +27,8 @@ class HFPatchStats:
 
     def record(self, site: str, route: str) -> None:
         """Count one call of ``site`` that took ``route`` (here and in the process-wide totals)."""
+        if torch.compiler.is_compiling():
+            return
         key = (site, route)
         self.calls[key] = self.calls.get(key, 0) + 1
         if self is not TOTALS:
