@@ -19,6 +19,7 @@ from transformers import GPT2LMHeadModel, GPT2Model
 
 import gpt2fast
 from gpt2fast import hf_patch_stats, is_patched, ops, patch_hf, unpatch_hf
+from gpt2fast.hf_patch import SUPPORTED_CLASSES
 from gpt2fast.testing import assert_fa_close
 from tests._hf import BACKENDS, N_LAYER, count_calls, cpu_status, greedy, ids, left_padded, tiny_config, tiny_model
 
@@ -233,14 +234,7 @@ def test_non_tanh_activation_keeps_transformers_mlp(counts):
 
 
 # ---- every head class --------------------------------------------------------------------------------------
-HEADS = [
-    "GPT2LMHeadModel",
-    "GPT2Model",
-    "GPT2DoubleHeadsModel",
-    "GPT2ForSequenceClassification",
-    "GPT2ForTokenClassification",
-    "GPT2ForQuestionAnswering",
-]
+HEADS = SUPPORTED_CLASSES  # every GPT-2 class of transformers
 
 
 def _first_output(out) -> torch.Tensor:

@@ -15,9 +15,13 @@ to every attention layer through the forward's ``**kwargs``), and each layer tur
   Queries at padded positions (``attention_mask == 0``) get a zero output, as transformers' flash-attention
   path gives; eager and sdpa give other values there.  Every other position matches.
 
+A prepared 4-D mask (``generate`` builds one for static caches) is served when it is exactly causal at the cache's
+offset plus a padding row (checked on the device); any other 4-D mask is custom and falls back.
+
 Everything else falls back to the model's configured attention, with the reason.  The one host read: a forward
-given a 2-D ``attention_mask`` reads three flags of it back (one sync per forward, not per layer; transformers'
-own sdpa mask reads it too).  ``position_ids`` without a mask or a cache are read once to detect packed sequences.
+given an ``attention_mask`` (2-D or 4-D) reads a few flags of it back (one sync per forward, not per layer;
+transformers' own sdpa mask reads it too); with no mask, nothing is read (dynamic or static cache alike), except
+``position_ids`` without a mask or a cache, read once to detect packed sequences.
 """
 
 from __future__ import annotations
