@@ -55,10 +55,10 @@ def _assert_grads_close(got: dict, ref: dict) -> None:
 
 @pytest.mark.parametrize("fused_loss", [True, False])
 def test_training_step_matches_unpatched(fused_loss, counts):
-    """Loss, logits (kept with skip_logits=False) and every parameter's gradient, fp32, relative 1e-4."""
+    """Loss, logits (kept by default) and every parameter's gradient, fp32, relative 1e-4."""
     x, labels = _batch()
     ref_loss, ref_logits, ref_grads = _train_step(tiny_model(**NO_DROPOUT), x, labels)
-    model = patch_hf(tiny_model(**NO_DROPOUT), backend="reference", fused_loss=fused_loss, skip_logits=False)
+    model = patch_hf(tiny_model(**NO_DROPOUT), backend="reference", fused_loss=fused_loss)
     loss, logits, grads = _train_step(model, x, labels)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert_fa_close(logits.detach(), ref_logits.detach())
@@ -71,10 +71,13 @@ def test_training_step_matches_unpatched(fused_loss, counts):
     )
 
 
-def test_logits_are_skipped_in_training_by_default(counts):
-    """Liger's rule: with labels, ``train()`` skips the logits; ``eval()`` keeps them; ``skip_logits`` overrides."""
+def test_skip_logits_option(counts):
+    """Default: logits kept (as transformers).  ``skip_logits=None`` is Liger's rule: with labels, ``train()``
+    skips them and ``eval()`` keeps them; ``True`` always skips them."""
     x, labels = _batch()
     model = patch_hf(tiny_model(**NO_DROPOUT), backend="reference")
+    assert model.train()(x, labels=labels).logits is not None
+    patch_hf(model, backend="reference", skip_logits=None)
     assert model.train()(x, labels=labels).logits is None
     with torch.no_grad():
         out = model.eval()(x, labels=labels)
@@ -84,7 +87,7 @@ def test_logits_are_skipped_in_training_by_default(counts):
     patch_hf(model, backend="reference", skip_logits=True)
     assert model.eval()(x, labels=labels).logits is None
     assert model(x).logits is not None  # no labels: transformers' forward
-    assert counts["linear_cross_entropy"] == 3
+    assert counts["linear_cross_entropy"] == 4
 
 
 def test_num_items_in_batch_and_shift_labels_follow_transformers(counts):
@@ -166,14 +169,14 @@ def test_torch_compile_aot_eager_forward_and_backward():
     x, labels = _batch()
     cfg = dict(NO_DROPOUT, n_layer=1)  # one layer: compiling is the slow part
     ref_loss, _, ref_grads = _train_step(tiny_model(**cfg), x, labels)
-    model = patch_hf(tiny_model(**cfg), backend="reference")
+    model = patch_hf(tiny_model(**cfg), backend="reference", skip_logits=True)
     _train_step(model, x, labels)  # one eager step first: the registry memoises its choices (see ops/README.md)
     assert hf_patch_stats(model).routes("loss") == {"gpt2fast.linear_cross_entropy": 1}
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     loss, logits, grads = _train_step(compiled, x, labels)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert logits is None  # train() + labels: the patched head's fused loss, inside the graph
+    assert logits is None  # skip_logits=True: the patched head's fused loss, inside the graph
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     _assert_grads_close({n.removeprefix("_orig_mod."): g for n, g in grads.items()}, ref_grads)
     assert hf_patch_stats(model).fallback() == 0  # compiled calls are not counted (see HFPatchStats)

@@ -43,6 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if backend == "triton":
         from gpt2fast.ops import _registry
 
+        ops.backend_names()  # import the built-in backends
         triton = _registry._backends["triton"]  # let "auto" pick Triton for CPU tensors too (interpreted)
         ops.register_backend(
             "triton", priority=triton.priority, is_available=triton.is_available, describe=triton.describe

@@ -48,6 +48,8 @@ def run_suite(root: Path, backend: str, timeout: int, extra: list[str], workdir:
     ]  # fmt: skip
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=root, env=env, check=False)
+    if not junit.exists():
+        raise SystemExit(f"the {backend} run wrote no report ({junit}); see its output above")
     return outcomes(junit), (json.loads(stats.read_text()) if stats.exists() else {})
 
 
@@ -71,14 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="reference,triton", help="patched runs, comma-separated")
     p.add_argument("--timeout", type=int, default=300, help="per-test timeout, seconds (pytest-timeout)")
     p.add_argument("--out", type=Path, help="write the comparison as JSON")
+    p.add_argument("--workdir", type=Path, help="keep each run's JUnit XML and call counts here (default: a temp dir)")
     args = p.parse_args(argv)
     if not (args.root / TEST_FILE).exists():
         p.error(f"{args.root / TEST_FILE} does not exist; see benchmarks/hf_suite/README.md")
     with tempfile.TemporaryDirectory() as tmp:
-        base, _ = run_suite(args.root, "none", args.timeout, extra, Path(tmp))
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        base, _ = run_suite(args.root, "none", args.timeout, extra, work)
         report = {"unpatched": dict(Counter(base.values())), "patched": {}}
         for backend in args.backends.split(","):
-            got, stats = run_suite(args.root, backend, args.timeout, extra, Path(tmp))
+            got, stats = run_suite(args.root, backend, args.timeout, extra, work)
             new = sorted(t for t, o in got.items() if o in ("failed", "error") and base.get(t) == "passed")
             fixed = sorted(t for t, o in got.items() if o == "passed" and base.get(t) in ("failed", "error"))
             report["patched"][backend] = {

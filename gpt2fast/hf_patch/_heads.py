@@ -3,8 +3,10 @@
 As Liger-Kernel does for ``*ForCausalLM.forward``, the patched ``GPT2LMHeadModel.forward`` and
 ``GPT2DoubleHeadsModel.forward`` compute the language-modelling loss from the last hidden states and the tied
 ``lm_head`` weight, so the ``[tokens, vocab]`` logits need not exist.  ``skip_logits`` (a ``patch_hf`` option)
-says whether they are computed anyway: ``None`` (default, Liger's rule) skips them in ``train()`` mode and keeps
-them in ``eval()``; ``True`` always skips them when labels are given (``logits`` is ``None``); ``False`` keeps them.
+says whether they are computed anyway: ``False`` (default) keeps them, as transformers returns them; ``None``
+skips them in ``train()`` mode and keeps them in ``eval()`` (Liger-Kernel's rule); ``True`` always skips them when
+labels are given (``logits`` is ``None``).  The memory saving needs them skipped: with ``False`` only the loss's
+own logits and their gradient are never materialised.
 Without labels, or where the fused loss does not apply (``fused_loss=False``, ``logits_to_keep``, a custom
 ``loss_function``, a biased ``lm_head``, a named backend declining the call), transformers' own forward runs.
 

@@ -30,7 +30,7 @@ class PatchOptions:
 
     backend: str | None = ops.AUTO
     fused_loss: bool = True
-    skip_logits: bool | None = None
+    skip_logits: bool | None = False
 
 
 def _body(model: nn.Module, lay) -> nn.Module:
@@ -93,7 +93,7 @@ def patch_hf(
     backend: str | None = "auto",
     *,
     fused_loss: bool = True,
-    skip_logits: bool | None = None,
+    skip_logits: bool | None = False,
 ) -> nn.Module:
     """Make a transformers GPT-2 run on gpt2fast ops, in place, at any point of its life; returns ``model``.
 
@@ -102,8 +102,9 @@ def patch_hf(
     ``None`` (the process default); a named backend is checked now against the model's shapes and, unless it is on
     meta, its device (a meta model's device is checked at its first call).  ``fused_loss``: with labels,
     ``GPT2LMHeadModel``/``GPT2DoubleHeadsModel`` compute the language-model loss through
-    ``ops.linear_cross_entropy``; ``skip_logits`` then says whether they also return the logits (``None``: not in
-    ``train()`` mode, as Liger-Kernel does; ``True``: never; ``False``: always).  Patching again changes only the
+    ``ops.linear_cross_entropy``; ``skip_logits`` then says whether they still return the logits (``False``, the
+    default: always, as transformers does; ``None``: not in ``train()`` mode, Liger-Kernel's rule; ``True``: never),
+    the memory saving being in not building them.  Patching again changes only the
     options.  See :mod:`gpt2fast.hf_patch` for what runs where.
     """
     lay = layout()
@@ -201,7 +202,7 @@ class AutoPatch:
 _active: AutoPatch | None = None
 
 
-def auto_patch(backend: str | None = "auto", *, fused_loss: bool = True, skip_logits: bool | None = None) -> AutoPatch:
+def auto_patch(backend: str | None = "auto", *, fused_loss: bool = True, skip_logits: bool | None = False) -> AutoPatch:
     """Patch every transformers GPT-2 model built from now on (``from_pretrained``, ``from_config``, a constructor).
 
     The hook runs at the end of each model's ``post_init``, i.e. on the meta device inside ``from_pretrained``,
