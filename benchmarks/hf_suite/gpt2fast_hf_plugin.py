@@ -8,8 +8,9 @@ Loaded by ``run.py`` (``-p gpt2fast_hf_plugin``); ``--gpt2fast-backend`` selects
   allowed to serve CPU tensors, so each op runs on Triton where its kernels take the input and falls through to
   ``reference`` where they do not (a head dim of 16, a gradient the kernels have no backward for).
 
-``--gpt2fast-stats PATH`` writes, as JSON, every (site, route) count of the run and, per test, the gpt2fast ops
-it reached, so a report can say how much of the suite went through the kernels.
+``--gpt2fast-stats PATH`` writes, as JSON, every (site, route) count of the run, the calls that reached each
+(op, backend) implementation, and, per test, the gpt2fast routes it reached, so a report can say how much of the
+suite went through the kernels, and on which backend.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def pytest_configure(config: pytest.Config) -> None:
         if not status.available:
             raise pytest.UsageError(f"triton cannot run here: {status.reason}")
     _state["hook"] = gpt2fast.auto_patch(backend="reference" if backend == "reference" else "auto")
+    from gpt2fast.testing.conformance import count_dispatches
+
+    _state["dispatch_cm"] = count_dispatches()  # calls reaching each (op, backend) implementation
+    _state["dispatches"] = _state["dispatch_cm"].__enter__()
 
 
 def _routes() -> dict[tuple[str, str], int]:
@@ -78,8 +83,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     path = config.getoption("--gpt2fast-stats")
     if _state.get("backend", "none") != "none" and path:
         totals = {f"{s}:{r}": n for (s, r), n in sorted(_routes().items())}
+        by_impl = {f"{op}:{be}": n for (op, be), n in sorted(_state["dispatches"].items())}
+        report = {"backend": _state["backend"], "totals": totals, "implementations": by_impl}
         with open(path, "w") as f:
-            json.dump({"backend": _state["backend"], "totals": totals, "per_test": _state["per_test"]}, f, indent=1)
+            json.dump({**report, "per_test": _state["per_test"]}, f, indent=1)
+    if "dispatch_cm" in _state:
+        _state.pop("dispatch_cm").__exit__(None, None, None)
     hook = _state.pop("hook", None)
     if hook is not None:
         hook.remove()

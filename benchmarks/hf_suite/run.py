@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 "passing_only_patched": fixed,
                 "tests_reaching": reached_ops(stats),
                 "calls": stats.get("totals", {}),
+                "implementations": stats.get("implementations", {}),
             }
     print(json.dumps(report, indent=1))
     if args.out:
