@@ -255,12 +255,12 @@ GPU_SHAPES = (
 
 
 def shape_strategy(size: int):
-    """Hypothesis: up to 64·size rows, widths up to 80, vocabularies up to 2000 or GPT-2's, some labels ignored."""
+    """Hypothesis: up to 24·size rows, widths up to 80, vocabularies up to 2000 or GPT-2's, some labels ignored."""
     from hypothesis import strategies as st
 
     @st.composite
     def shapes(draw):
-        n = draw(st.integers(1, 64 * size))
+        n = draw(st.integers(1, 24 * size))
         return dict(
             n=n,
             c=draw(st.integers(1, 80)),
