@@ -152,14 +152,14 @@ def gemv_plan(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, 
     """The plan of a GEMV (from the sizes and the device only, never data: graph-safe, deterministic).
 
     ``block_n`` spreads the N columns over :func:`target_programs` programs (4..64 columns at one row, 16..64
-    with ``tl.dot``); when that leaves fewer tiles than the target, K is split so the tiles x splits reach it
-    (the partial sums are added by the last-arriving program of each tile, in split order).  ``split_k``
-    overrides the split count (tests).
+    with ``tl.dot``; up to 8192 under the interpreter, whose cost is per program); when that leaves fewer tiles
+    than the target, K is split so the tiles x splits reach it (the partial sums are added by the last-arriving
+    program of each tile, in split order).  ``split_k`` overrides the split count (tests).
     """
     bm = block_m(m)
     target = target_programs(device)
     lo = 4 if bm == 1 else 16
-    bn = min(max(next_pow2(triton.cdiv(n, target)), lo), 64)
+    bn = min(max(next_pow2(triton.cdiv(n, target)), lo), 8192 if interpreting() else 64)
     bk = block_k(k, dtype, bm, bn)
     tiles = triton.cdiv(n, bn)
     k_blocks = triton.cdiv(k, bk)
