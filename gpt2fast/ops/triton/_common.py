@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2fast.ops._workspace import counters  # noqa: F401  (re-exported for the kernel modules)
+
 #: Triton type strings of the torch dtypes the kernels accept.
 TL_DTYPE: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -109,25 +111,6 @@ def arrive(Counter, count):
     tl.debug_barrier()
     ticket = tl.atomic_add(Counter, 1, sem="acq_rel", scope="gpu")
     return ticket == count - 1
-
-
-#: Zeroed int32 arrival counters by (device, stream, length); kept for the process (a captured graph holds them).
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 arrival counters, zero between launches (every reduction resets what it used).
-
-    One buffer per (device, current stream, length): launches on one stream run in order, so they can share it;
-    two streams never do.  It is allocated on first use (the warm-up before a CUDA-graph capture) and never
-    freed, so a captured graph can keep pointing at it.
-    """
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, n)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        buf = _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return buf
 
 
 # ---- programmatic dependent launch ------------------------------------------------------------------------------
