@@ -4,11 +4,6 @@
 namespace g2f {
 namespace {
 
-__device__ __forceinline__ float gelu_tanh(float v) {
-  constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-  return 0.5f * v * (1.f + tanhf(kC * (v + 0.044715f * v * v * v)));
-}
-
 // Grid-stride over chunks of kW elements of the logical [rows, n] array (n % kW == 0).
 template <typename T, int kW>
 __global__ void bias_gelu_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ bias,

@@ -133,6 +133,10 @@ PYBIND11_MODULE(_C, m) {
 
   G2F_BIND_OP(m, layer_norm, LayerNormParams, G2F_LAYER_NORM_FIELDS, "LayerNorm(+residual) over rows.");
   G2F_BIND_OP(m, bias_gelu, BiasGeluParams, G2F_BIAS_GELU_FIELDS, "gelu_tanh(x + bias) over rows.");
+  G2F_BIND_OP(m, layer_norm_backward, LayerNormBackwardParams, G2F_LAYER_NORM_BACKWARD_FIELDS,
+              "Backward of LayerNorm(+residual): dh, dweight, dbias.");
+  G2F_BIND_OP(m, bias_gelu_backward, BiasGeluBackwardParams, G2F_BIAS_GELU_BACKWARD_FIELDS,
+              "Backward of gelu_tanh(x + bias): dx, dbias.");
   G2F_BIND_OP(m, attention, AttentionParams, G2F_ATTENTION_FIELDS, "Flash attention over [B, H, T, D].");
   G2F_BIND_OP(m, decode_attention, DecodeAttentionParams, G2F_DECODE_ATTENTION_FIELDS,
               "Split-KV decode attention with in-place append.");

@@ -112,6 +112,43 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// ---------------------------------------------------------------- GELU (tanh approximation)
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+
+// GPT-2's gelu_new: 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))).
+__device__ __forceinline__ float gelu_tanh(float v) {
+  return 0.5f * v * (1.f + tanhf(kGeluC * (v + 0.044715f * v * v * v)));
+}
+
+// Its derivative.  Where tanh saturates (1 - t^2 == 0, |v| >~ 10) the slope is exactly 1 or 0 and the second term is
+// skipped, so v^2 overflowing to inf never makes 0 * inf = NaN.
+__device__ __forceinline__ float gelu_tanh_grad(float v) {
+  const float t = tanhf(kGeluC * (v + 0.044715f * v * v * v));
+  const float sech2 = 1.f - t * t;
+  const float inner = sech2 > 0.f ? 0.5f * v * sech2 * kGeluC * (1.f + 0.134145f * v * v) : 0.f;
+  return 0.5f * (1.f + t) + inner;
+}
+
+// ---------------------------------------------------------------- backward partial sums
+// out[c] = sum over g < programs of partial[g * stride + c] (c < m), in a fixed order: the second stage of the
+// backward kernels that reduce over rows (one row of partial sums per block; no atomics, so run-to-run identical).
+template <typename T>
+__global__ void column_sum_kernel(const float* __restrict__ partial, int64_t stride, int programs, int64_t m,
+                                  T* __restrict__ out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= m) return;
+  float acc = 0.f;
+  for (int g = 0; g < programs; ++g) acc += partial[g * stride + c];
+  out[c] = from_float<T>(acc);
+}
+
+template <typename T>
+void launch_column_sum(const float* partial, int64_t stride, int programs, int64_t m, T* out, cudaStream_t s) {
+  constexpr int kThreads = 256;
+  column_sum_kernel<T><<<static_cast<unsigned>((m + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+      partial, stride, programs, m, out);
+}
+
 // ---------------------------------------------------------------- host side
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -93,6 +93,51 @@ int layer_norm(const LayerNormParams& p);
 G2F_PARAMS(BiasGeluParams, G2F_BIAS_GELU_FIELDS);
 int bias_gelu(const BiasGeluParams& p);
 
+// Backward of y = LN(h) over `rows` rows of `n` elements (h: the normalised input, x or x + residual):
+// dh = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)) (+ grad_h when set: the gradient reaching the
+// residual stream), the statistics recomputed from h.  `programs` blocks each take every programs-th row and
+// write their partial column sums of dy*xhat and dy to row blockIdx of `partial` (float [programs, 2n]); a second
+// kernel adds them up, in a fixed order, into dweight and dbias.
+// Required: grad_y, h, weight, dh, dweight, dbias, partial, rows > 0, 0 < n <= 4096, 0 < programs <= rows
+// (and <= 2^31 - 1), eps > 0.  dh is contiguous [rows, n]; grad_y, h and grad_h rows are `*_row_stride` apart.
+#define G2F_LAYER_NORM_BACKWARD_FIELDS(X)                                                 \
+  X(const void*, grad_y, nullptr, "gradient of y [rows, n]")                              \
+  X(int64_t, grad_y_row_stride, 0, "elements between rows of grad_y")                     \
+  X(const void*, h, nullptr, "the normalised input [rows, n]")                            \
+  X(int64_t, h_row_stride, 0, "elements between rows of h")                               \
+  X(const void*, weight, nullptr, "contiguous [n]")                                       \
+  X(const void*, grad_h, nullptr, "gradient of the h output, added to dh; 0 = none")      \
+  X(int64_t, grad_h_row_stride, 0, "elements between rows of grad_h")                     \
+  X(void*, dh, nullptr, "output, contiguous [rows, n]")                                   \
+  X(void*, dweight, nullptr, "output, contiguous [n]")                                    \
+  X(void*, dbias, nullptr, "output, contiguous [n]")                                      \
+  X(float*, partial, nullptr, "workspace, float [programs, 2 n]")                         \
+  X(int, programs, 0, "blocks of the row kernel, 1..rows")                                \
+  X(int64_t, rows, 0, "number of rows (> 0)")                                             \
+  X(int64_t, n, 0, "elements per row, 1..4096")                                           \
+  X(float, eps, 0.f, "variance epsilon (> 0)")
+G2F_PARAMS(LayerNormBackwardParams, G2F_LAYER_NORM_BACKWARD_FIELDS);
+int layer_norm_backward(const LayerNormBackwardParams& p);
+
+// Backward of y = gelu_tanh(x + bias) over `rows` rows of `n` elements: dx = dy * gelu_tanh'(x + bias) (contiguous
+// [rows, n]); `programs` row groups each write their partial column sums of dx to row blockIdx.y of `partial`
+// (float [programs, n]), added up in a fixed order into dbias.
+// Required: grad_y, x, bias, dx, dbias, partial, rows > 0, n > 0, 0 < programs <= min(rows, 65535).
+#define G2F_BIAS_GELU_BACKWARD_FIELDS(X)                                     \
+  X(const void*, grad_y, nullptr, "gradient of y [rows, n]")                 \
+  X(int64_t, grad_y_row_stride, 0, "elements between rows of grad_y")        \
+  X(const void*, x, nullptr, "input rows [rows, n]")                         \
+  X(int64_t, x_row_stride, 0, "elements between rows of x")                  \
+  X(const void*, bias, nullptr, "contiguous [n]")                            \
+  X(void*, dx, nullptr, "output, contiguous [rows, n]")                      \
+  X(void*, dbias, nullptr, "output, contiguous [n]")                         \
+  X(float*, partial, nullptr, "workspace, float [programs, n]")              \
+  X(int, programs, 0, "row groups (grid y), 1..min(rows, 65535)")            \
+  X(int64_t, rows, 0, "number of rows (> 0)")                                \
+  X(int64_t, n, 0, "elements per row (> 0)")
+G2F_PARAMS(BiasGeluBackwardParams, G2F_BIAS_GELU_BACKWARD_FIELDS);
+int bias_gelu_backward(const BiasGeluBackwardParams& p);
+
 // Causal / full attention over [B, H, T, D] tensors with unit stride in D.  Strides are
 // (batch, head, time) for q, k, v; out is contiguous [B, H, T, D].  scale is the softmax scale
 // (e.g. 1/sqrt(D)).

@@ -21,7 +21,9 @@ from gpt2fast.ops.specs.decode_attention import seqlens_of
 
 CPU = torch.device("cpu")
 TINY = GPT2Config.from_name("tiny")
-BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention")
+BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention", "reorder_cache")
+#: The training ops whose benchmark sweeps have target shapes too.
+TRAINING_OPS = ("linear_cross_entropy", "layer_norm_backward", "bias_gelu_backward", "attention_backward")
 
 
 def bench(*argv: str) -> int:
@@ -99,10 +101,12 @@ def test_sweeps():
     quick = kernels.cases("quick")
     flags = [c.target for c in quick]
     assert any(flags) and flags == sorted(flags, reverse=True)  # target cases first
-    assert {c.op for c in quick if c.target} == set(BUILTIN_OPS)
+    assert {c.op for c in quick if c.target} == set(BUILTIN_OPS + TRAINING_OPS)
     assert {c.op for c in kernels.cases("cpu")} == {s.name for s in ops.specs()}
     assert {c.op for c in kernels.cases("cpu", ["attention"])} == {"attention"}
     full = kernels.cases("full")
+    for case in quick + full + kernels.cases("cpu"):  # the plots' x-axis is shape[sweep]
+        assert case.sweep in case.shape, (case.op, case.sweep, sorted(case.shape))
     assert {c.shape["n"] for c in full if c.op == "bias_gelu"} == {3072, 4096, 5120, 6400}
     assert max(c.shape["rows"] for c in full if c.op == "layer_norm") == 65536
     assert max(c.shape["seq"] for c in full if c.op == "attention") == 8192
@@ -203,7 +207,8 @@ def test_kernels_json_is_schema_valid_and_figures_follow_the_counts(kernels_doc)
     assert any(r["op"] == "attention" and r["tflops"] for r in recs)
     own = [r for r in recs if r["provider"] == "gpt2fast:reference"]
     assert all(
-        set(r["speedup"]) == ({"torch"} if r["op"] in ("layer_norm", "bias_gelu") else {"torch.sdpa"}) for r in own
+        set(r["speedup"]) == ({"torch"} if r["op"] in ("layer_norm", "bias_gelu", "reorder_cache") else {"torch.sdpa"})
+        for r in own
     )
 
 
@@ -278,6 +283,15 @@ def test_kernels_cli_returns_1_on_a_wrong_result(monkeypatch, tmp_path):
     assert {r["provider"] for r in doc["records"] if not r["check"]["ok"]} == {"wrong"}
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert pngs == ["bias_gelu_float32_N_192.png", "bias_gelu_float32_N_400.png"]
+
+
+def test_plots_draw_every_group_of_the_kernels_json(kernels_doc, tmp_path):
+    from gpt2fast.bench import plots
+
+    written = plots.plot_kernels(kernels_doc, tmp_path)
+    for op in BUILTIN_OPS:
+        assert any(p.name.startswith(op + "_") for p in written), (op, [p.name for p in written])
+    assert all(p.stat().st_size > 0 for p in written)
 
 
 def test_report_markdown_from_json(kernels_doc, tmp_path, capsys):

@@ -20,9 +20,18 @@ import torch
 
 from gpt2fast import ops
 from gpt2fast.ops import _registry, _workspace, reference
-from gpt2fast.ops.cuda import _ext, attention, bias_gelu, decode_attention, layer_norm
+from gpt2fast.ops.cuda import (
+    _ext,
+    attention,
+    bias_gelu,
+    bias_gelu_backward,
+    decode_attention,
+    layer_norm,
+    layer_norm_backward,
+)
 
-KERNELS = ("layer_norm", "bias_gelu", "attention", "decode_attention")
+FORWARD_KERNELS = ("layer_norm", "bias_gelu", "attention", "decode_attention")
+KERNELS = (*FORWARD_KERNELS, "layer_norm_backward", "bias_gelu_backward")
 #: The fields of each ``_C`` parameter struct, in declaration order (checked against the real ``FIELDS``).
 FIELDS = {
     "LayerNormParams": (
@@ -30,6 +39,14 @@ FIELDS = {
         "h", "rows", "n", "eps",
     ),
     "BiasGeluParams": ("dtype", "stream", "device", "x", "x_row_stride", "bias", "y", "rows", "n"),
+    "LayerNormBackwardParams": (
+        "dtype", "stream", "device", "grad_y", "grad_y_row_stride", "h", "h_row_stride", "weight", "grad_h",
+        "grad_h_row_stride", "dh", "dweight", "dbias", "partial", "programs", "rows", "n", "eps",
+    ),
+    "BiasGeluBackwardParams": (
+        "dtype", "stream", "device", "grad_y", "grad_y_row_stride", "x", "x_row_stride", "bias", "dx", "dbias",
+        "partial", "programs", "rows", "n",
+    ),
     "AttentionParams": (
         "dtype", "stream", "device", "q", "q_strides", "k", "k_strides", "v", "v_strides", "out", "batch", "heads",
         "seqlen", "head_dim", "causal", "scale",
@@ -535,6 +552,81 @@ def test_decode_marshalling(launch_ok):
     assert got["dtype"] == 0 and got["scale"] == pytest.approx(32**-0.5)
 
 
+def test_layer_norm_backward_marshalling(launch_ok):
+    h = torch.randn(5, 96)[:, :40]  # rows of 40 with row stride 96
+    gy, gh, w = torch.randn(5, 40), torch.randn(5, 64)[:, :40], torch.ones(40)
+    dh, dw, db = layer_norm_backward.layer_norm_backward(gy, h, w, 1e-5, gh)
+    assert dh.shape == (5, 40) and dh.is_contiguous() and dw.shape == db.shape == (40,)
+    got = _fields(launch_ok.params)
+    assert got.pop("eps") == pytest.approx(1e-5)
+    partial = got.pop("partial")
+    assert partial not in (0, dh.data_ptr(), dw.data_ptr(), db.data_ptr())
+    assert got == dict(
+        dtype=0, stream=STREAM, device=DEVICE, grad_y=gy.data_ptr(), grad_y_row_stride=40, h=h.data_ptr(),
+        h_row_stride=96, weight=w.data_ptr(), grad_h=gh.data_ptr(), grad_h_row_stride=64, dh=dh.data_ptr(),
+        dweight=dw.data_ptr(), dbias=db.data_ptr(), programs=5, rows=5, n=40,
+    )  # fmt: skip
+    assert launch_ok.guard.checked[-1] == ["grad_h", "grad_y", "h", "weight"]
+    layer_norm_backward.layer_norm_backward(torch.randn(1000, 8), torch.randn(1000, 8), torch.ones(8), 1e-5, None)
+    got = _fields(launch_ok.params)
+    assert got["programs"] == 4 * 132 and got["grad_h"] == 0 and got["grad_h_row_stride"] == 0  # 4 blocks per SM
+
+
+def test_bias_gelu_backward_marshalling(launch_ok):
+    x = torch.randn(3, 96, dtype=torch.float16)[:, :64]
+    gy, bias = torch.randn(3, 64, dtype=torch.float16), torch.zeros(64, dtype=torch.float16)
+    dx, db = bias_gelu_backward.bias_gelu_backward(gy, x, bias)
+    assert dx.shape == (3, 64) and dx.is_contiguous() and db.shape == (64,)
+    got = _fields(launch_ok.params)
+    assert got.pop("partial") not in (0, dx.data_ptr(), db.data_ptr())
+    assert got == dict(
+        dtype=1, stream=STREAM, device=DEVICE, grad_y=gy.data_ptr(), grad_y_row_stride=64, x=x.data_ptr(),
+        x_row_stride=96, bias=bias.data_ptr(), dx=dx.data_ptr(), dbias=db.data_ptr(), programs=3, rows=3, n=64,
+    )  # fmt: skip
+    expanded = torch.ones((), dtype=torch.float16).expand(3, 64)  # the gradient of a .sum(): copied, not declined
+    bias_gelu_backward.bias_gelu_backward(expanded, x, bias)
+    assert _fields(launch_ok.params)["grad_y_row_stride"] == 64
+
+
+def test_backward_declines():
+    assert layer_norm_backward.supports(_meta(2, 4097), _meta(2, 4097), _meta(4097), 1e-5, None) == (
+        "cuda backend: layer_norm_backward rows must have N <= 4096, got 4097"
+    )
+    t = _meta(4, 32)
+    assert layer_norm_backward.supports(t, _meta(32, 4).t(), _meta(32), 1e-5, None) == (
+        "cuda backend: h must have unit stride in its last dim, got strides (1, 4)"
+    )
+    assert layer_norm_backward.supports(_meta(32, 4).t(), t, _meta(32), 1e-5, t) is None  # grads are copied
+    assert bias_gelu_backward.supports(_meta(32, 4), _meta(4, 32).t(), _meta(4)) == (
+        "cuda backend: x must have unit stride in its last dim, got strides (1, 32)"
+    )
+    assert bias_gelu_backward.supports(t, t, _meta(32)) is None
+
+
+def test_training_goes_through_the_cuda_backward(available, monkeypatch):
+    """A cuda layer_norm / bias_gelu forward is differentiable: its backward runs the cuda backward op; cuda
+    attention is not (it saves no log-sum-exp), so "auto" skips it when a gradient is needed."""
+    launched = _launch_ok(monkeypatch, available)
+    calls = []
+
+    def record(name):
+        def launcher(params):
+            calls.append(name)
+
+        return launcher
+
+    for name in KERNELS:
+        getattr(launched.ext, name).side_effect = record(name)
+    x, w, b = (t.requires_grad_() for t in _ln_args(n=32, rows=4))
+    ops.layer_norm(x, w, b, backend="cuda").sum().backward()
+    ops.bias_gelu(x, b, backend="cuda").sum().backward()
+    assert calls == ["layer_norm", "layer_norm_backward", "bias_gelu", "bias_gelu_backward"]
+    assert _registry.get_impl("attention", "cuda").differentiable is False
+    q = torch.randn(1, 2, 4, 32, requires_grad=True)
+    with pytest.raises(ops.UnsupportedInputError, match="has no backward for 'attention'"):
+        ops.attention(q, q, q, backend="cuda")
+
+
 def test_struct_fields_match_the_extension():
     """The fake structs above have exactly the real ``_C`` structs' fields, and the real ones refuse unknown
     names (so a misspelt field cannot be set silently)."""
@@ -623,7 +715,7 @@ def test_compile_fullgraph_through_custom_ops(available, monkeypatch):
     torch._dynamo.reset()
     g, h, a, d = torch.compile(ops_block, backend="aot_eager", fullgraph=True)(*args)
     assert g.shape == h.shape == args[0].shape and a.shape == args[4].shape and d.shape == (2, 2, 64)
-    assert _launched(launched.ext) == dict.fromkeys(KERNELS, 1)
+    assert _launched(launched.ext) == dict.fromkeys(FORWARD_KERNELS, 1) | dict.fromkeys(KERNELS[4:], 0)
     assert launched.guard.entered == [DEVICE] * 4
 
 
@@ -632,6 +724,12 @@ def test_compile_fullgraph_through_custom_ops(available, monkeypatch):
 VALID = {
     "LayerNormParams": dict(dtype=0, x=16, x_row_stride=64, weight=32, bias=48, y=64, rows=2, n=64, eps=1e-5),
     "BiasGeluParams": dict(dtype=1, x=16, x_row_stride=64, bias=32, y=48, rows=2, n=64),
+    "LayerNormBackwardParams": dict(
+        dtype=0, grad_y=16, h=32, weight=48, dh=64, dweight=80, dbias=96, partial=112, programs=2, rows=2, n=64,
+        eps=1e-5,
+    ),
+    "BiasGeluBackwardParams": dict(dtype=2, grad_y=16, x=32, bias=48, dx=64, dbias=80, partial=96, programs=1, rows=2,
+                                   n=64),
     "AttentionParams": dict(dtype=1, q=16, k=32, v=48, out=64, batch=1, heads=2, seqlen=8, head_dim=64, scale=0.125),
     "DecodeAttentionParams": dict(
         dtype=2, q=16, k_cache=32, v_cache=48, cache_seqlens=64, out=80, batch=1, heads=2, t_max=16, head_dim=64,
@@ -661,6 +759,8 @@ def test_entry_points_refuse_unset_fields(struct):
     broken += {
         "LayerNormParams": [dict(residual=96), dict(h=96), dict(n=2**30 + 1), dict(eps=float("nan"))],
         "BiasGeluParams": [dict(n=-1)],
+        "LayerNormBackwardParams": [dict(n=4097), dict(programs=3), dict(eps=0.0)],
+        "BiasGeluBackwardParams": [dict(programs=3), dict(n=-5)],
         "AttentionParams": [dict(head_dim=48), dict(dtype=3), dict(scale=-1.0), dict(seqlen=2**30 + 1)],
         "DecodeAttentionParams": [dict(k_new=96), dict(v_new=96), dict(num_splits=2), dict(num_splits=17)],
     }[struct]

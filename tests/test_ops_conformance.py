@@ -67,6 +67,20 @@ DETERMINISM = [
     for shape in spec.test_shapes[:2]
     for dtype in spec.dtypes
 ]
+GRADIENTS = [
+    _param(spec, be, why, shape, dtype, id_=f"-{shape_id(shape)}-{_dtype_id(dtype)}")
+    for spec, be, why in _pairs()
+    if cf.differentiable(spec, be)
+    for shape in spec.test_shapes
+    for dtype in spec.dtypes
+]
+GPU_GRADIENTS = [
+    _param(spec, be, why, shape, dtype, marks=[pytest.mark.gpu], id_=f"-{shape_id(shape)}-{_dtype_id(dtype)}")
+    for spec, be, why in _pairs()
+    if cf.differentiable(spec, be) and be != ops.REFERENCE
+    for shape in spec.gpu_shapes
+    for dtype in LOW
+]
 BAD = [
     pytest.param(spec, bad, be, id=f"{bad.id}-{be}")
     for spec in ops.specs()
@@ -86,6 +100,19 @@ def test_parity(spec, backend, shape, dtype):
 def test_parity_gpu_shapes(spec, backend, shape, dtype):
     """The larger GPT-2-sized shapes, on a GPU."""
     cf.check_parity(spec, backend, _inputs(spec, shape, dtype), shape=shape)
+
+
+@pytest.mark.parametrize(("spec", "backend", "shape", "dtype"), GRADIENTS)
+def test_gradients(spec, backend, shape, dtype):
+    """Every differentiable (op, backend) pair: the gradients of a random upstream gradient, for every argument
+    that takes one, match the fp32 reference's autograd gradients under the FlashAttention rule."""
+    cf.check_gradients(spec, backend, _inputs(spec, shape, dtype), shape=shape)
+
+
+@pytest.mark.parametrize(("spec", "backend", "shape", "dtype"), GPU_GRADIENTS)
+def test_gradients_gpu_shapes(spec, backend, shape, dtype):
+    """The gradients at the larger GPT-2-sized shapes, on a GPU."""
+    cf.check_gradients(spec, backend, _inputs(spec, shape, dtype), shape=shape)
 
 
 @pytest.mark.parametrize(("spec", "backend", "shape", "dtype", "view"), VIEWS)

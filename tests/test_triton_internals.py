@@ -253,20 +253,34 @@ def test_ops_trace_under_torch_compile():
     assert torch.equal(dec[1], eager_caches[0]) and torch.equal(dec[2], eager_caches[1]), "the append must survive"
 
 
-OPCHECKED = ["layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention", "fused_linear", "fused_mlp"]
+#: Every custom op of the gpt2fast_triton namespace, and whether its inputs take gradients (its autograd, forward
+#: and backward, is then checked too).
+OPCHECKED = {
+    "layer_norm": True, "add_layer_norm": True, "bias_gelu": True, "attention": False, "attention_lse": True,
+    "decode_attention": False, "layer_norm_backward": False, "bias_gelu_backward": False,
+    "attention_backward": False, "linear_cross_entropy": True, "fused_linear": False, "fused_mlp": False,
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", OPCHECKED)
+@pytest.mark.parametrize("name", list(OPCHECKED))
 def test_opcheck(name):
-    # torch.library.opcheck: schema (incl. mutates_args), fake tensor and autograd registration checks.
-    x, w, b = (torch.randn(*s, device=DEV) for s in ((2, 64), (64,), (64,)))
+    # torch.library.opcheck: schema (incl. mutates_args), fake tensor and autograd registration checks; with inputs
+    # that require grad, AOT autograd traces the forward and the backward.
+    grad = OPCHECKED[name]
+    x, w, b = (torch.randn(*s, device=DEV, requires_grad=grad) for s in ((2, 64), (64,), (64,)))
     inputs, _ = decode_case(2, 2, 8, 32, [2, 7])
     q, kc, vc, sl, kn, vn = (inputs[a] for a in DECODE.args[:-1])
+    qkv = [t.clone().requires_grad_(grad) for t in (kc, kc, vc)]
+    attn = ops.get_spec("attention_backward").make_inputs(
+        dict(batch=1, heads=2, seq=9, head_dim=32), torch.float32, DEV, torch.Generator().manual_seed(0)
+    )
+    labels = torch.tensor([3, -100], device=DEV)
     args = {
         "layer_norm": (x, w, b, 1e-5),
-        "add_layer_norm": (x, w, b, 1e-5, x.clone()),
+        "add_layer_norm": (x, w, b, 1e-5, x.detach().clone().requires_grad_(grad)),
         "bias_gelu": (x, b),
-        "attention": (kc, kc.clone(), vc, True, 0.25),
+        "attention": (*qkv, True, 0.25),
+        "attention_lse": (*qkv, True, 0.25),
         "decode_attention": (q, kc, vc, sl, kn, vn, 0.25),
         "fused_linear": (x, torch.randn(48, 64, device=DEV), None, w, b, 1e-5, True, torch.randn(2, 48, device=DEV)),
         "fused_mlp": (
@@ -279,6 +293,18 @@ def test_opcheck(name):
             torch.randn(64, 96, device=DEV),
             b,
         ),
+        "layer_norm_backward": (x, x.clone(), w, 1e-5, x.clone()),
+        "bias_gelu_backward": (x, x.clone(), b),
+        "attention_backward": (*(attn[a] for a in ops.get_spec("attention_backward").args[:-1]), 0.3),
+        "linear_cross_entropy": (
+            x,
+            torch.randn(11, 64, device=DEV, requires_grad=grad),
+            labels,
+            -100,
+            "mean",
+            grad,
+            grad,
+        ),
     }[name]
     torch.library.opcheck(getattr(torch.ops.gpt2fast_triton, name).default, args)
 
@@ -290,7 +316,7 @@ def test_every_custom_op_is_opchecked():
         for n in dir(torch.ops.gpt2fast_triton)
         if isinstance(getattr(torch.ops.gpt2fast_triton, n), torch._ops.OpOverloadPacket)
     }
-    assert namespace == set(OPCHECKED)
+    assert namespace == set(OPCHECKED) | {"reorder_cache"}  # (its opcheck is in tests/test_reorder_cache.py)
 
 
 # ---- supports: what the kernels cannot take, decided on metadata (meta tensors carry strides, no memory) ------
@@ -464,7 +490,9 @@ def test_compile_check_finds_the_kernels_through_the_registry(monkeypatch):
     triton_ops = [r.op for r in ops.implementations() if r.backend == "triton"]
     assert names == [f"gpt2fast.ops.triton.{op}" for op in triton_ops]
     kernels = {c.kernel for c in cc.cases(False, 90)}
-    assert kernels == {"attention", "bias_gelu", "decode_split", "layer_norm", "fused_linear", "fused_mlp"}
+    assert kernels == {"attention", "bias_gelu", "decode_split", "layer_norm", "reorder_cache", "fused_linear",
+                       "fused_mlp", "layer_norm_bwd", "bias_gelu_bwd", "column_sum", "attention_bwd_delta",
+                       "attention_bwd_dkdv", "attention_bwd_dq", "cross_entropy"}  # fmt: skip
     monkeypatch.delitem(_registry._impls, ("bias_gelu", "triton"))  # an op the backend no longer implements ...
     assert "gpt2fast.ops.triton.bias_gelu" not in [m.__name__ for m in cc.kernel_modules()]  # ... is not compiled
 
@@ -528,6 +556,11 @@ GPT2_SMALL = {
     "decode_attention": dict(batch=4, heads=12, t_max=1024, head_dim=64, seqlens=(0, 1, 700, 1023), append=True),
     "fused_linear": dict(m=8, k=768, n=2304, ln=True, bias=True),
     "fused_mlp": dict(m=8, c=768, h=3072),
+    "reorder_cache": dict(layers=12, groups=4, beams=4, heads=12, t_max=1024, head_dim=64, seqlens=(1, 30, 700, 1024)),
+    "layer_norm_backward": dict(rows=512, n=768, residual=True),
+    "bias_gelu_backward": dict(rows=512, n=3072),
+    "attention_backward": dict(batch=2, heads=12, seq=300, head_dim=64),
+    "linear_cross_entropy": dict(n=1024, c=768, v=50257, ignore=10),
 }
 
 

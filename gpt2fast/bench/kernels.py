@@ -9,7 +9,9 @@ recorded with the reason), its baselines, and ``torch.compile`` of its reference
 
 For each case (op, shape, dtype) the harness builds inputs once, computes the fp32 reference and the reference
 in the input dtype on the check slice (for the FlashAttention parity rule), then times each provider and checks
-its output.  A provider that cannot run is recorded with its error; nothing here is fatal.
+its output.  A case whose shape says ``backward=True`` (inputs that require grad) times the forward plus the
+backward of every provider (:func:`with_backward`).  On a GPU each record also has the peak memory its call
+allocated (``peak_mem_bytes``).  A provider that cannot run is recorded with its error; nothing here is fatal.
 """
 
 from __future__ import annotations
@@ -79,10 +81,40 @@ def traffic(case: BenchCase, dtype: torch.dtype) -> Traffic:
 
 
 def reference_outputs(case: BenchCase, inputs: Inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(fp32 reference, the reference in the input dtype) on the spec's check slice of ``inputs``."""
+    """(fp32 reference, the reference in the input dtype) on the spec's check slice of ``inputs`` (forward only)."""
     spec = ops.get_spec(case.op)
-    sub = spec.check_inputs(case.shape, inputs)
-    return spec.run_reference(upcast(clone_inputs(sub))), spec.run_reference(clone_inputs(sub))
+    sub = {
+        k: (t.detach() if isinstance(t, torch.Tensor) else t) for k, t in spec.check_inputs(case.shape, inputs).items()
+    }
+    with torch.no_grad():
+        return spec.run_reference(upcast(clone_inputs(sub))), spec.run_reference(clone_inputs(sub))
+
+
+def with_backward(fn: Fn, inputs: Inputs) -> Fn:
+    """For a case timed forward + backward (its shape has ``backward=True`` and its inputs require grad): ``fn``
+    then the gradients of its floating outputs (upstream gradient ones) with respect to every input that requires
+    grad; returns the detached outputs."""
+    leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def run():
+        outs = [o for o in as_list(fn()) if o.requires_grad]
+        torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs], allow_unused=True)
+        return [o.detach() for o in outs]
+
+    return run
+
+
+def peak_memory(fn: Fn, device: torch.device) -> tuple[object, int | None]:
+    """``(fn(), the peak bytes it allocated above what was allocated before the call)`` on a CUDA device (the
+    caching allocator's peak counter); ``None`` elsewhere."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    return out, torch.cuda.max_memory_allocated(device) - base
 
 
 def check_output(case: BenchCase, out: object, ref32: list[torch.Tensor], base: list[torch.Tensor]) -> dict:
@@ -172,6 +204,7 @@ def _record(case: BenchCase, provider: str, dtype: torch.dtype, cost: Traffic) -
         "pct_matmul_peak": None,
         "speedup": {},
         "check": None,
+        "peak_mem_bytes": None,
         **cost.extra,
     }
 
@@ -218,11 +251,14 @@ def run_case(
             continue
         try:
             fn = prov(inputs)
-            out = fn()
+            graph_fns = _graph_fns(prov, inputs, fn, device)
+            if case.shape.get("backward"):
+                fn, graph_fns = with_backward(fn, inputs), None  # no CUDA graphs around autograd
+            out, rec["peak_mem_bytes"] = peak_memory(fn, device)
             sync(device)
             rec["check"] = check_output(case, out, ref32, base)
             del out
-            rec["time"] = time_call(fn, device, _graph_fns(prov, inputs, fn, device), opts.quick_timing).as_dict()
+            rec["time"] = time_call(fn, device, graph_fns, opts.quick_timing).as_dict()
             _derive(rec, peaks, cost.extra)
         except _Declined as exc:
             rec["error"] = str(exc)

@@ -9,6 +9,9 @@ is tested without writing a test; a third-party backend can also call :func:`che
 * the same under other memory layouts of the same values (:func:`views`: generic transposed and row-padded
   storage, plus the spec's own views); a backend may decline a layout through ``supports`` (then a named call
   raises that reason and "auto" falls through).
+* :func:`check_gradients`: for a backend that registers a backward, the gradients of a seeded random upstream
+  gradient (every argument in the spec's ``grad_args``) against the reference's autograd gradients, under the same
+  rule (fp32 reference as the oracle, the reference in the input dtype as the baseline).
 * :func:`check_determinism`: two runs are bit-identical.
 * :func:`check_bad_input`: the shared validation refuses it with the spec's message and no implementation is
   ever called (:func:`count_dispatches`).
@@ -152,7 +155,7 @@ def check_determinism(spec: OpSpec, backend: str | None, inputs: Inputs, runs: i
     """``runs`` calls on copies of the same inputs give bit-identical outputs and writes."""
 
     def bits(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.contiguous().view(torch.uint8) for t in ts]
+        return [t.contiguous().reshape(-1).view(torch.uint8) for t in ts]  # 0-D outputs (a loss) too
 
     def once() -> list[torch.Tensor]:
         out, ins = run_backend(spec, backend, inputs)
@@ -164,6 +167,47 @@ def check_determinism(spec: OpSpec, backend: str | None, inputs: Inputs, runs: i
         for j, (a, b) in enumerate(zip(first, again, strict=True)):
             if not torch.equal(a, b):
                 raise AssertionError(f"{spec.name} on {backend}: run {i} differs from run 0 in output {j}")
+
+
+# ---- gradients -----------------------------------------------------------------------------------------------
+def differentiable(spec: OpSpec, backend: str) -> bool:
+    """Whether ``backend`` registers a backward for ``spec``'s op (and the op has arguments that take gradients)."""
+    impl = _registry._impls.get((spec.name, backend))
+    return bool(spec.grad_args) and impl is not None and impl.differentiable
+
+
+def upstream_grads(outputs: list[torch.Tensor], seed: int = SEED) -> list[torch.Tensor]:
+    """Seeded N(0, 1) upstream gradients, one per floating output, drawn in fp32 on the CPU (the same values for
+    every backend and dtype; cast to each output's dtype by the caller)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return [torch.randn(o.shape, generator=gen) for o in outputs if o.is_floating_point()]
+
+
+def gradients(spec: OpSpec, backend: str | None, inputs: Inputs, grads_out: list[torch.Tensor]) -> dict:
+    """The gradients of ``spec``'s op on ``backend`` (None: the reference itself) with respect to every present
+    ``grad_args`` input, for the upstream gradients ``grads_out``: name -> tensor (zeros where none flows)."""
+    ins = clone_inputs(inputs)
+    leaves = {n: ins[n].detach().requires_grad_(True) for n in spec.grad_args if isinstance(ins.get(n), torch.Tensor)}
+    ins.update(leaves)
+    with torch.enable_grad():
+        outs = [o for o in as_list(spec.call(ins, backend or _registry.REFERENCE)) if o.is_floating_point()]
+        gouts = [g.to(device=o.device, dtype=o.dtype) for g, o in zip(grads_out, outs, strict=True)]
+        got = torch.autograd.grad(outs, list(leaves.values()), gouts, allow_unused=True)
+    return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), got)}
+
+
+def check_gradients(spec: OpSpec, backend: str, inputs: Inputs, shape: dict | None = None, msg: str = "") -> None:
+    """The backend's gradients of a seeded random upstream gradient against the reference's autograd gradients,
+    each under the FlashAttention rule: the reference in fp32 is the oracle, the reference in the input dtype the
+    baseline."""
+    msg = f"{spec.name} on {backend} {shape_id(shape or {})} gradients {msg}".strip()
+    outs = as_list(spec.run_reference(clone_inputs(inputs)))
+    grads_out = upstream_grads([o for o in outs if o.is_floating_point()])
+    ref32 = gradients(spec, None, upcast(inputs), grads_out)
+    base = gradients(spec, None, inputs, grads_out)
+    got = gradients(spec, backend, inputs, grads_out)
+    for name in got:
+        assert_all_fa_close(got[name], ref32[name], base[name], msg=f"{msg}: d{name}")
 
 
 # ---- bad and edge inputs -------------------------------------------------------------------------------------
@@ -236,6 +280,12 @@ def check_backend(backend: str, device: torch.device | str | None = None, dtypes
                 inputs = spec.make_inputs(shape, dtype, device, torch.Generator().manual_seed(SEED))
                 check_parity(spec, backend, inputs, shape=shape)
                 n += 1
+        if differentiable(spec, backend):
+            for dtype in dtypes or spec.dtypes:
+                for shape in spec.test_shapes:
+                    inputs = spec.make_inputs(shape, dtype, device, torch.Generator().manual_seed(SEED))
+                    check_gradients(spec, backend, inputs, shape=shape)
+                    n += 1
         inputs = spec.make_inputs(spec.test_shapes[0], torch.float32, device, torch.Generator().manual_seed(SEED))
         for view in views(spec):
             check_view(spec, backend, inputs, view)

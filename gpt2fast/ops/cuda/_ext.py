@@ -113,6 +113,12 @@ def num_sms(device: int) -> int:
     return _sm_count[device]
 
 
+def partial_programs(rows: int, device: int) -> int:
+    """Blocks of a backward kernel that reduces over rows (one row of partial sums each): about four per SM,
+    never more than the rows (nor than grid dim y's 65535)."""
+    return max(1, min(rows, 4 * num_sms(device), 65535))
+
+
 # ---- layout reasons (metadata only) --------------------------------------------------------------------------
 def dtype_reason(name: str, t: torch.Tensor) -> str | None:
     """``t`` has a dtype the kernels are built for."""

@@ -47,6 +47,8 @@ def _(q, k, v, causal, scale):
     return _ext.new_like(q)
 
 
+# Not differentiable: this kernel saves no log-sum-exp, so a call that needs a gradient is declined (a named call
+# raises, "auto" falls through to triton, whose training forward saves it and whose backward runs).
 @register_impl("attention", "cuda", supports=supports)
 def attention(q, k, v, causal, scale) -> torch.Tensor:
     """Softmax attention over ``[B, H, T, D]`` (D in 32/64/128), causal or full; ``scale`` None is 1/sqrt(D)."""

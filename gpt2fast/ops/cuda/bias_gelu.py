@@ -10,6 +10,7 @@ import torch
 
 from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.cuda import _ext
+from gpt2fast.ops.specs import bias_gelu_backward as backward_spec
 
 
 def supports(x: torch.Tensor, bias: torch.Tensor) -> str | None:
@@ -33,5 +34,7 @@ def _(x, bias):
     return _ext.new_like(x)
 
 
-#: The registered implementation (the custom op itself).
-bias_gelu = register_impl("bias_gelu", "cuda", supports=supports)(bias_gelu_op)
+backward_spec.register_autograd(bias_gelu_op, "cuda")
+
+#: The registered implementation (the custom op itself); differentiable (its backward: ``bias_gelu_backward``).
+bias_gelu = register_impl("bias_gelu", "cuda", supports=supports, differentiable=True)(bias_gelu_op)

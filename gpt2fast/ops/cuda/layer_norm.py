@@ -12,6 +12,7 @@ import torch
 from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.cuda import _ext
 from gpt2fast.ops.specs import layer_norm as spec
+from gpt2fast.ops.specs import layer_norm_backward as backward_spec
 
 #: Longest row the kernel takes (its int32 column math).
 MAX_N = 2**30
@@ -79,7 +80,10 @@ def _(x, weight, bias, eps, residual):
     return _ext.new_like(x), _ext.new_like(x)
 
 
-#: The registered implementation: ``LN(x)``, or ``(LN(x + residual), x + residual)`` in one kernel.
-layer_norm = register_impl("layer_norm", "cuda", supports=supports)(
+backward_spec.register_autograd(layer_norm_op, layer_norm_residual_op, "cuda")
+
+#: The registered implementation: ``LN(x)``, or ``(LN(x + residual), x + residual)`` in one kernel; differentiable
+#: (its backward: ``layer_norm_backward`` on cuda, csrc/layer_norm_backward.cu; rows wider than 4096 fall through).
+layer_norm = register_impl("layer_norm", "cuda", supports=supports, differentiable=True)(
     spec.plain_or_fused(layer_norm_op, layer_norm_residual_op)
 )

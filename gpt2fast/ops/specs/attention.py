@@ -13,6 +13,7 @@ from gpt2fast.ops._registry import dispatch, register_op
 from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, View, seeded_randn
 
 ARGS = ("q", "k", "v", "causal", "scale")
+GRAD_ARGS = ("q", "k", "v")
 
 
 def attention(

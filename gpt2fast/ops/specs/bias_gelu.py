@@ -12,6 +12,7 @@ from gpt2fast.ops._registry import dispatch, register_op
 from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 
 ARGS = ("x", "bias")
+GRAD_ARGS = ("x", "bias")
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, backend: str | None = None) -> torch.Tensor:

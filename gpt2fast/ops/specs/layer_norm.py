@@ -13,6 +13,7 @@ from gpt2fast.ops._registry import dispatch, register_op
 from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 
 ARGS = ("x", "weight", "bias", "eps", "residual")
+GRAD_ARGS = ("x", "weight", "bias", "residual")
 
 
 def layer_norm(

@@ -186,3 +186,54 @@ def launch(
             kernel[grid](
                 *args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **options
             )
+
+
+# ---- the column sums of the backward kernels' per-program partial sums ---------------------------------------
+@triton.jit
+def _column_sum_kernel(P, Out, G, M, stride_g, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``Out[c] = sum_g P[g, c]`` over the rows (``stride_g`` apart) of an fp32 [G, M] buffer, in a fixed order
+    (deterministic)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.arange(0, BLOCK_G)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        r = g0 + rows
+        mask = (r[:, None] < G) & (cols[None, :] < M)
+        acc += tl.sum(tl.load(P + r[:, None].to(tl.int64) * stride_g + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(Out + cols, acc.to(Out.dtype.element_ty), mask=cols < M)
+
+
+#: Columns per program and rows per step of :func:`column_sums` (every target; it never spills).
+COLUMN_SUM_BLOCKS = dict(BLOCK_G=32, BLOCK_C=128)
+COLUMN_SUM_WARPS = 4
+
+
+def column_sums(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The column sums of the fp32 [G, M] ``partials`` (one row per program of a backward kernel; unit column
+    stride) in ``dtype``: a second launch instead of atomics, so the sums are the same run to run."""
+    g, m = partials.shape
+    out = torch.empty(m, dtype=dtype, device=partials.device)
+    config = triton.Config(COLUMN_SUM_BLOCKS, num_warps=1 if interpreting() else COLUMN_SUM_WARPS, num_stages=1)
+    grid = (triton.cdiv(m, COLUMN_SUM_BLOCKS["BLOCK_C"]),)
+    launch(_column_sum_kernel, None, grid, (partials, out, g, m, partials.stride(0)), {}, config)
+    return out
+
+
+def column_sum_cases() -> list[CompileCase]:
+    """The column-sum kernel's one config for every output dtype (compiled with the backward kernels' modules)."""
+    cases = []
+    for tname in TL_DTYPE.values():
+        sig = signature(
+            _column_sum_kernel, dict(P="*fp32", Out="*" + tname, G="i32", M="i32", stride_g="i32"), COLUMN_SUM_BLOCKS
+        )
+        label = f"{tname} {COLUMN_SUM_BLOCKS['BLOCK_G']}x{COLUMN_SUM_BLOCKS['BLOCK_C']} w={COLUMN_SUM_WARPS}"
+        cases.append(
+            CompileCase("column_sum", _column_sum_kernel, sig, COLUMN_SUM_BLOCKS, COLUMN_SUM_WARPS, 1, label, True)
+        )
+    return cases
+
+
+def partial_programs(rows: int, device: torch.device) -> int:
+    """Programs of a backward kernel that reduces over rows: each keeps its own partial column sums, so about
+    four per SM (8 under the interpreter), never more than the rows."""
+    return max(1, min(rows, 8 if interpreting() else 4 * num_sms(device)))

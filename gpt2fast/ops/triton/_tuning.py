@@ -201,3 +201,37 @@ def bias_gelu_heuristic(n: int) -> triton.Config:
     if interpreting():
         return triton.Config({"BLOCK_N": min(next_pow2(n), 8192)}, num_warps=1, num_stages=1)
     return triton.Config({"BLOCK_N": min(next_pow2(n), 1024)}, num_warps=4, num_stages=1)
+
+
+# ---- attention backward (heuristic configs only; no autotuning yet) ------------------------------------------
+def attention_backward_heuristic(
+    head_dim: int, dtype: torch.dtype, arch: int = 90
+) -> tuple[triton.Config, triton.Config]:
+    """``(dk/dv config, dq config)`` of the backward kernels, spill-free on sm_80 and sm_90 (compile_check).
+
+    The dk/dv program keeps BLOCK_N keys (k, v and two fp32 accumulators) and steps over BLOCK_M queries; the dq
+    program keeps BLOCK_M queries and steps over BLOCK_N keys.  fp32 (FMA dots) and D = 128 get smaller tiles;
+    32 x 32 with one warp under the interpreter."""
+    if interpreting():
+        cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)
+        return cfg, cfg
+    if dtype == torch.float32:  # at D = 128, 4 warps spill on sm_90 (255 registers): 8
+        warps = 8 if head_dim == 128 else 4
+        dkdv = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=warps, num_stages=1)
+        dq = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=warps, num_stages=1)
+    elif head_dim == 128:  # the dk/dv program sat at 255 registers with 4 warps on sm_80: 8
+        dkdv = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+        dq = triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2)
+    else:
+        dkdv = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+        dq = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    return dkdv, dq
+
+
+# ---- cross-entropy chunk kernel (one config) -----------------------------------------------------------------
+def cross_entropy_heuristic(vocab: int) -> triton.Config:
+    """4096 columns per step and 8 warps (16 fp32 values a thread); one warp and 8192 columns under the
+    interpreter."""
+    if interpreting():
+        return triton.Config({"BLOCK_V": min(next_pow2(vocab), 8192)}, num_warps=1, num_stages=1)
+    return triton.Config({"BLOCK_V": min(next_pow2(vocab), 4096)}, num_warps=8, num_stages=1)

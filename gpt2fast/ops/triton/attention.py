@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gpt2fast.ops._autograd import needs_grad
 from gpt2fast.ops._registry import register_impl
+from gpt2fast.ops.specs import attention_backward as backward_spec
 from gpt2fast.ops.triton._common import (
     TL_DTYPE,
     CompileCase,
@@ -68,15 +70,17 @@ def _attn_blocks(
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, O, sm_scale,
+    Q, K, V, O, LSE, sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_ob, stride_oh, stride_ot, stride_od,
     T, T_BUCKET,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    # STORE_LSE (a training forward): also write each row's log-sum-exp, natural log, to the fp32 [B, H, T] LSE
+    # for the backward; the inference launch (False) compiles to the kernel without it.
     # T_BUCKET (next power of two of T) is only an autotuning key.  Grid (query blocks, H, B): grid dims
     # 1 and 2 are limited to 65535 each, so B and H get one each rather than B*H sharing one.
     pid_m = tl.program_id(0)
@@ -112,6 +116,9 @@ def _attention_kernel(
     out = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    if STORE_LSE:
+        lse_ptrs = LSE + (b * tl.num_programs(1) + h) * T + offs_m
+        tl.store(lse_ptrs, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
 
 
 _attention_tuned = triton.autotune(
@@ -139,25 +146,38 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
     return None
 
 
-@register_impl("attention", "triton", supports=supports)
+@register_impl("attention", "triton", supports=supports, differentiable=True)
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> torch.Tensor:
-    """FlashAttention-2 style forward over [B, H, T, D] (head dims 32/64/128)."""
+    """FlashAttention-2 style forward over [B, H, T, D] (head dims 32/64/128).  When a gradient is needed it runs
+    the training forward (which also saves the log-sum-exp; its backward is ``attention_backward``), else the
+    inference one, unchanged."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if needs_grad(q, k, v):
+        return attention_lse_op(q, k, v, causal, scale)[0]
     return attention_op(q, k, v, causal, scale)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, lse: torch.Tensor | None):
+    """Launch the forward; with ``lse`` (fp32 [B, H, T]) it also writes each row's log-sum-exp there."""
+    B, H, T, D = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    upcast = upcast_for_interpreter(q.dtype)
+    args = (q, k, v, o, o if lse is None else lse, scale, *q.stride(), *k.stride(), *v.stride(), *o.stride())
+    consts = dict(
+        HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast, PREC=dot_precision(q.dtype, upcast), STORE_LSE=lse is not None
+    )
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)
+    heur = attention_heuristic(D, q.dtype, tuning_arch(q.device))
+    # The training forward launches with the heuristic config (no autotuning yet), the config compile_check checks.
+    tuned = _attention_tuned if lse is None else None
+    launch(_attention_kernel, tuned, grid, (*args, T, next_pow2(T)), consts, heur)
+    return o
 
 
 @torch.library.custom_op("gpt2fast_triton::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale [causal])·v for [B, H, T, D] tensors of any strides; contiguous output."""
-    B, H, T, D = q.shape
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    upcast = upcast_for_interpreter(q.dtype)
-    args = (q, k, v, o, scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(), T, next_pow2(T))
-    consts = dict(HEAD_DIM=D, CAUSAL=causal, UPCAST=upcast, PREC=dot_precision(q.dtype, upcast))
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), H, B)
-    heur = attention_heuristic(D, q.dtype, tuning_arch(q.device))
-    launch(_attention_kernel, _attention_tuned, grid, args, consts, heur)
-    return o
+    """softmax(q·kᵀ·scale [causal])·v for [B, H, T, D] tensors of any strides; contiguous output (inference)."""
+    return run(q, k, v, causal, scale, None)
 
 
 @attention_op.register_fake
@@ -165,31 +185,60 @@ def _(q, k, v, causal, scale):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+@torch.library.custom_op("gpt2fast_triton::attention_lse", mutates_args=())
+def attention_lse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training forward: ``(out, lse)``, lse the fp32 [B, H, T] log-sum-exp its backward recomputes from."""
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    return run(q, k, v, causal, scale, lse), lse
+
+
+@attention_lse_op.register_fake
+def _(q, k, v, causal, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+backward_spec.register_autograd(attention_lse_op, "triton")
+
+
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
     """The configs the kernel can launch with on target ``arch``: the heuristic config for every dtype x
     head dim (causal; non-causal too at D=64) and the autotune configs (after pruning for ``arch``) of
-    fp16 D=64 causal (GPT-2's shape); every combination (each dtype's own tiles) if ``full``.
+    fp16 D=64 causal (GPT-2's shape) for inference, and the heuristic config (its only one: it is not autotuned)
+    of the training forward (``STORE_LSE``; causal) for every dtype x head dim; every combination (each dtype's
+    own tiles) if ``full``.
     Unit last-dim strides are constexpr 1, as the JIT specialises them for contiguous tensors."""
     cases = []
     for dtype, tname in TL_DTYPE.items():
         for d in HEAD_DIMS:
             for causal in (True, False):
-                if not (full or causal or d == 64):
-                    continue
-                ptr = "*" + tname
-                unit = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
-                consts = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=False, PREC=dot_precision(dtype, False), **unit)
-                heur = attention_heuristic(d, dtype, arch)
-                every = full or (dtype == torch.float16 and d == 64 and causal)
-                for cfg in ATTENTION.launchable(dtype, d, arch, heur) if every else [heur]:
-                    c = {**consts, **cfg.kwargs}
-                    types = dict(Q=ptr, K=ptr, V=ptr, O=ptr, sm_scale="fp32")
-                    names = _attention_kernel.arg_names
-                    types.update({n: "i32" for n in names if n.startswith(("stride", "T")) and n not in c})
-                    sig = signature(_attention_kernel, types, c)
-                    w, s = cfg.num_warps, cfg.num_stages
-                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                    label = f"{tname} D={d} causal={int(causal)} {bm}x{bn} w={w} s={s}"
-                    is_heur = ATTENTION.tile(cfg) == ATTENTION.tile(heur)
-                    cases.append(CompileCase("attention", _attention_kernel, sig, c, w, s, label, is_heur))
+                for store_lse in (False, True):
+                    if not (full or (causal or (d == 64 and not store_lse))):
+                        continue
+                    cases += _cases(dtype, tname, d, causal, store_lse, full, arch)
+    return cases
+
+
+def _cases(dtype, tname: str, d: int, causal: bool, store_lse: bool, full: bool, arch: int) -> list[CompileCase]:
+    ptr = "*" + tname
+    unit = dict(stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
+    prec = dot_precision(dtype, False)
+    consts = dict(HEAD_DIM=d, CAUSAL=causal, UPCAST=False, PREC=prec, STORE_LSE=store_lse, **unit)
+    heur = attention_heuristic(d, dtype, arch)
+    # the autotune list at GPT-2's shape for inference; the training forward (same body plus the lse store) is
+    # launched with its heuristic config only
+    every = (full or (dtype == torch.float16 and d == 64 and causal)) and not store_lse
+    cases = []
+    for cfg in ATTENTION.launchable(dtype, d, arch, heur) if every else [heur]:
+        c = {**consts, **cfg.kwargs}
+        types = dict(Q=ptr, K=ptr, V=ptr, O=ptr, LSE="*fp32", sm_scale="fp32")
+        names = _attention_kernel.arg_names
+        types.update({n: "i32" for n in names if n.startswith(("stride", "T")) and n not in c})
+        sig = signature(_attention_kernel, types, c)
+        w, s = cfg.num_warps, cfg.num_stages
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        label = f"{tname} D={d} causal={int(causal)} lse={int(store_lse)} {bm}x{bn} w={w} s={s}"
+        is_heur = ATTENTION.tile(cfg) == ATTENTION.tile(heur)
+        cases.append(CompileCase("attention", _attention_kernel, sig, c, w, s, label, is_heur))
     return cases

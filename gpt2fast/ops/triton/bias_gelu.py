@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from gpt2fast.ops._registry import register_impl
+from gpt2fast.ops.specs import bias_gelu_backward as backward_spec
 from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, gelu_tanh, launch, signature
 from gpt2fast.ops.triton._tuning import BIAS_GELU_CONFIGS, bias_gelu_heuristic
 
@@ -44,9 +45,12 @@ def _(x, bias):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@register_impl("bias_gelu", "triton")
+backward_spec.register_autograd(bias_gelu_op, "triton")
+
+
+@register_impl("bias_gelu", "triton", differentiable=True)
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(x + bias), fused in one kernel."""
+    """gelu_tanh(x + bias), fused in one kernel; differentiable (its backward: ``bias_gelu_backward``)."""
     return bias_gelu_op(x, bias)
 
 

@@ -16,11 +16,23 @@ import triton.language as tl
 
 from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.specs import layer_norm as spec
+from gpt2fast.ops.specs import layer_norm_backward as backward_spec
 from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, launch, next_pow2, signature
 from gpt2fast.ops.triton._tuning import LAYER_NORM_CONFIGS, layer_norm_heuristic
 
 #: Longest row one program holds in registers (fp32): beyond this it would spill.
 MAX_N = 16384
+
+
+@triton.jit
+def _centred(x, cols, mask, N, eps):
+    """``(x - mean, rstd)`` of a row held in fp32 registers (masked lanes 0): two passes over the registers on the
+    row shifted by its first element (exact subtraction near the mean), so a huge mean with a tiny spread does not
+    drown the variance in the rounding of an fp32 sum.  The forward and the backward share it."""
+    x0 = tl.sum(tl.where(cols == 0, x, 0.0), axis=0)
+    x = tl.where(mask, x - x0, 0.0)
+    diff = tl.where(mask, x - tl.sum(x, axis=0) / N, 0.0)
+    return diff, 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
 
 
 @triton.jit
@@ -34,12 +46,7 @@ def _layer_norm_kernel(X, R, W, B, Y, H, N, eps, HAS_RESIDUAL: tl.constexpr, BLO
         h = (x + r).to(H.dtype.element_ty)
         tl.store(H + row + cols, h, mask=mask)
         x = h.to(tl.float32)
-    # Statistics of the row shifted by its first element (exact subtraction near the mean), so a huge mean
-    # with a tiny spread does not drown the variance in the rounding of an fp32 sum; x0 comes from registers.
-    x0 = tl.sum(tl.where(cols == 0, x, 0.0), axis=0)
-    x = tl.where(mask, x - x0, 0.0)
-    diff = tl.where(mask, x - tl.sum(x, axis=0) / N, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / N + eps)
+    diff, rstd = _centred(x, cols, mask, N, eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row + cols, (diff * rstd * w + b).to(Y.dtype.element_ty), mask=mask)
@@ -102,8 +109,11 @@ def supports(x, weight, bias, eps, residual) -> str | None:
     return None
 
 
-#: The registered implementation: ``LN(x)``, or ``(LN(x + residual), x + residual)`` fused in one kernel.
-layer_norm = register_impl("layer_norm", "triton", supports=supports)(
+backward_spec.register_autograd(layer_norm_op, add_layer_norm_op, "triton")
+
+#: The registered implementation: ``LN(x)``, or ``(LN(x + residual), x + residual)`` fused in one kernel;
+#: differentiable (its backward: ``layer_norm_backward`` on triton, see triton/layer_norm_backward.py).
+layer_norm = register_impl("layer_norm", "triton", supports=supports, differentiable=True)(
     spec.plain_or_fused(layer_norm_op, add_layer_norm_op)
 )
 
