@@ -4,11 +4,12 @@
 // [s*chunk, (s+1)*chunk) clipped to the sequence's length; a block of 128 threads walks them in
 // groups of G = D/W threads per key (W elements = 16 bytes per thread), with an online softmax
 // per group, then merges its groups in shared memory.  It writes a partial output and its
-// log2-sum-exp, or, when there is a single split, the final output directly.
+// log2-sum-exp, or, when there is a single split, the final output directly.  With several splits,
+// the last block of a (batch, head) to finish (one arrival counter each: a fence, then one atomicAdd)
+// merges the splits' partials in split order and resets the counter: one launch does everything, and
+// the result does not depend on which block arrived last.
 // The split owning position cache_seqlens[b] also appends k_new/v_new to the caches there and
 // uses k_new/v_new for that position directly, so the append costs no extra launch.
-//
-// decode_combine_kernel: grid (B*H), D threads: merges the splits' partials by their lse.
 //
 // cache_seqlens is read on the device only (graph capturable); a sequence with no position to
 // attend to outputs zeros.
@@ -37,6 +38,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, g = tid / G, lane_in_group = tid % G;
+  const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
   const int dim0 = lane_in_group * W;
 
   // Sequence length, clamped so that bad values (unchecked under graph capture) cannot go out of bounds.
@@ -136,7 +138,6 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const float result = sum_l > 0.f ? o / sum_l : 0.f;
-    const int64_t bh = static_cast<int64_t>(b) * p.heads + h;
     if (p.num_splits == 1) {
       typed<T>(p.out)[bh * D + tid] = from_float<T>(result);
     } else {
@@ -144,27 +145,32 @@ __global__ void __launch_bounds__(kThreads)
       if (tid == 0) p.lse[bh * p.num_splits + split] = sum_l > 0.f ? mx + log2f(sum_l) : -CUDART_INF_F;
     }
   }
-}
+  if (p.num_splits == 1) return;
 
-// grid (B*H), D threads: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); zeros when every split is empty.
-template <typename T, int D>
-__global__ void __launch_bounds__(D) decode_combine_kernel(const float* __restrict__ o_part,
-                                                           const float* __restrict__ lse, T* __restrict__ out,
-                                                           int num_splits) {
-  const int64_t bh = blockIdx.x;
-  const int d = threadIdx.x;
-  const float* l = lse + bh * num_splits;
-  float mx = -CUDART_INF_F;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, l[s]);
-  float num = 0.f, den = 0.f;
-  if (mx != -CUDART_INF_F) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float w = exp2f(l[s] - mx);
-      den += w;
-      num = fmaf(w, o_part[(bh * num_splits + s) * D + d], num);
+  // The last block of this (batch, head) to arrive merges the splits.  Every thread fences its partial
+  // stores to device scope before the barrier; thread 0's atomic then orders them before the count.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(p.counters + bh, 1) == p.num_splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // acquire side: the other blocks' partials, read through L2 (__ldcg) below
+  if (tid < D) {
+    const float* l = p.lse + bh * p.num_splits;
+    float m_all = -CUDART_INF_F;
+    for (int s = 0; s < p.num_splits; ++s) m_all = fmaxf(m_all, __ldcg(l + s));
+    float num = 0.f, den = 0.f;
+    if (m_all != -CUDART_INF_F) {
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float w = exp2f(__ldcg(l + s) - m_all);  // an empty split has lse = -inf: w = 0
+        den += w;
+        num = fmaf(w, __ldcg(p.o_part + (bh * p.num_splits + s) * D + tid), num);
+      }
     }
+    typed<T>(p.out)[bh * D + tid] = from_float<T>(den > 0.f ? num / den : 0.f);  // zeros when all are empty
   }
-  out[bh * D + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  if (tid == 0) p.counters[bh] = 0;  // zero again for the next launch (or graph replay)
 }
 
 // The split kernel takes the API struct itself (pointers viewed as T where used) and the derived values.
@@ -175,9 +181,6 @@ void launch(const DecodeAttentionParams& p) {
   const int chunk = ceil_div(p.t_max, p.num_splits);
   dim3 grid(p.num_splits, p.heads, p.batch);
   decode_split_kernel<T, D><<<grid, kThreads, 0, stream>>>(p, chunk, softmax_scale_log2(p.scale));
-  if (p.num_splits > 1)
-    decode_combine_kernel<T, D><<<static_cast<unsigned>(p.batch) * p.heads, D, 0, stream>>>(
-        p.o_part, p.lse, typed<T>(p.out), p.num_splits);
 }
 
 }  // namespace
@@ -189,10 +192,10 @@ int decode_attention(const DecodeAttentionParams& a) {
   const int batch = a.batch, heads = a.heads, t_max = a.t_max, num_splits = a.num_splits;
   if (batch <= 0 || heads <= 0 || t_max <= 0 || num_splits <= 0 || heads > 65535 || batch > 65535)
     return cudaErrorInvalidValue;
-  // The combine kernel's grid is B*H blocks (gridDim.x <= 2^31 - 1); the split kernel's positions
-  // split*chunk + chunk must not overflow int.
+  // B*H counters and partial rows are indexed in int64, the positions split*chunk + chunk in int.
   if (int64_t{batch} * heads > 0x7fffffffLL || t_max > (1 << 30) || num_splits > t_max) return cudaErrorInvalidValue;
-  if (num_splits > 1 && (a.o_part == nullptr || a.lse == nullptr)) return cudaErrorInvalidValue;
+  if (num_splits > 1 && (a.o_part == nullptr || a.lse == nullptr || a.counters == nullptr))
+    return cudaErrorInvalidValue;
   if ((a.k_new == nullptr) != (a.v_new == nullptr)) return cudaErrorInvalidValue;
   DeviceGuard guard(a.device);  // restores the caller's device on return
   G2F_RETURN_IF_ERROR(guard.status());

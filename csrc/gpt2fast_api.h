@@ -162,9 +162,10 @@ int attention(const AttentionParams& p);
 // Split-KV decode attention with an optional in-place append of k_new/v_new at cache_seqlens[b].
 // q/k_new/v_new strides are (batch, head) (time = 0); cache strides are (batch, head, time).  The append
 // writes position cache_seqlens[b] of the caches; the split that owns that position reads k_new/v_new
-// directly.  With num_splits == 1, o_part and lse may be null; otherwise they hold float
-// [B, H, num_splits, D] and float [B, H, num_splits].  out is contiguous [B, H, D].  cache_seqlens is
-// read on the device only.
+// directly.  With num_splits == 1, o_part, lse and counters may be null; otherwise they hold float
+// [B, H, num_splits, D], float [B, H, num_splits] and the int32 [B*H] arrival counters (zero before the
+// launch, zero again after it: the last split of each (batch, head) merges them and resets its counter).
+// out is contiguous [B, H, D].  cache_seqlens is read on the device only.
 // Required: q, k_cache, v_cache, cache_seqlens, out, batch > 0, heads > 0, t_max > 0,
 // head_dim in (32, 64, 128), 0 < num_splits <= t_max, scale > 0; k_new and v_new both set or both null.
 #define G2F_DECODE_ATTENTION_FIELDS(X)                                               \
@@ -182,6 +183,7 @@ int attention(const AttentionParams& p);
   X(void*, out, nullptr, "output, contiguous [B, H, D]")                             \
   X(float*, o_part, nullptr, "float [B, H, splits, D]; 0 when num_splits == 1")      \
   X(float*, lse, nullptr, "float [B, H, splits]; 0 when num_splits == 1")            \
+  X(int32_t*, counters, nullptr, "int32 [B*H], zero between launches; 0 if 1 split") \
   X(int, batch, 0, "B (> 0)")                                                        \
   X(int, heads, 0, "H (> 0)")                                                        \
   X(int, t_max, 0, "cache positions T_max (> 0)")                                    \

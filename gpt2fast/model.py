@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2fast import checks, generation, loading, ops
+from gpt2fast import checks, fused_decode, generation, loading, ops
 from gpt2fast.config import GPT2Config
 
 #: Labels equal to this are ignored by the loss (transformers' and PyTorch's convention).
@@ -229,12 +229,23 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList([Block(config, backend) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, backend)
         self.cache: KVCache | None = None
+        self.decode_path = "auto"  # "auto" | "fused" | "unfused": see gpt2fast.fused_decode
 
     @property
     def backend(self) -> str | None:
         """The backend every op of the model runs on (settable: the new one is checked, then given to every
         submodule)."""
         return self._backend
+
+    @property
+    def decode_path(self) -> str:
+        """How :meth:`decode_step` runs: "auto" (the fused ops where the backend implements them for the step's
+        shapes, else the unfused ones), "fused" or "unfused"; see :mod:`gpt2fast.fused_decode`."""
+        return self._decode_path
+
+    @decode_path.setter
+    def decode_path(self, value: str) -> None:
+        self._decode_path = fused_decode.check_decode_path(value)
 
     @backend.setter
     def backend(self, name: str | None) -> None:
@@ -336,11 +347,14 @@ class GPT2(nn.Module):
         """
         cache = self.cache
         checks.check_decode_tokens(tokens, cache, self.config.vocab_size, check_ids)
-        pos = cache.seqlens.long()[:, None]  # [B, 1]
-        y = self._hidden(tokens[:, None], pos, cache)  # [B, 1, C]
+        if fused_decode.use_fused(self, tokens.shape[0]):  # four ops per layer; else the unfused ops below
+            logits = fused_decode.decode_logits(self, tokens)
+        else:
+            pos = cache.seqlens.long()[:, None]  # [B, 1]
+            logits = F.linear(self._hidden(tokens[:, None], pos, cache)[:, 0], self.wte.weight)
         cache.seqlens += 1
         cache.host_max += 1
-        return F.linear(y[:, 0], self.wte.weight)
+        return logits
 
     @torch.no_grad()
     def prefill_chunk(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gpt2fast import ops
-from gpt2fast.ops import _registry, reference
+from gpt2fast.ops import _registry, _workspace, reference
 from gpt2fast.ops.cuda import (
     _ext,
     attention,
@@ -53,8 +53,8 @@ FIELDS = {
     ),
     "DecodeAttentionParams": (
         "dtype", "stream", "device", "q", "q_strides", "k_cache", "k_cache_strides", "v_cache", "v_cache_strides",
-        "cache_seqlens", "k_new", "k_new_strides", "v_new", "v_new_strides", "out", "o_part", "lse", "batch",
-        "heads", "t_max", "head_dim", "num_splits", "scale",
+        "cache_seqlens", "k_new", "k_new_strides", "v_new", "v_new_strides", "out", "o_part", "lse", "counters",
+        "batch", "heads", "t_max", "head_dim", "num_splits", "scale",
     ),
 }  # fmt: skip
 DEVICE = 3  # the device index the mocked device check reports
@@ -531,8 +531,9 @@ def test_decode_marshalling(launch_ok):
     assert out.shape == (2, 3, 64)
     splits = decode_attention.choose_splits(6, 4096, 132)
     got = _fields(launch_ok.params)
-    o_part, lse = got.pop("o_part"), got.pop("lse")
+    o_part, lse, cnt = got.pop("o_part"), got.pop("lse"), got.pop("counters")
     assert splits > 1 and o_part != 0 and lse != 0 and o_part != lse  # partial buffers allocated
+    assert cnt == _workspace.counters(q.device, 6).data_ptr()  # the zeroed arrival counters of the merge
     cache = (3 * 4096 * 64, 4096 * 64, 64)
     assert got == dict(
         dtype=1, stream=STREAM, device=DEVICE, q=q.data_ptr(), q_strides=(3 * 64, 64, 0), k_cache=kc.data_ptr(),
@@ -546,7 +547,7 @@ def test_decode_marshalling(launch_ok):
     q, kc, vc, sl, _, _ = _decode_args(b=64, h=12, t=16, d=32, dtype=torch.float32)
     decode_attention.decode_attention(q, kc, vc, sl, None, None, None)
     got = _fields(launch_ok.params)
-    assert got["num_splits"] == 1 and got["o_part"] == got["lse"] == 0  # one split: no partials
+    assert got["num_splits"] == 1 and got["o_part"] == got["lse"] == got["counters"] == 0  # one split: no partials
     assert got["k_new"] == got["v_new"] == 0 and got["k_new_strides"] == got["v_new_strides"] == (0, 0, 0)
     assert got["dtype"] == 0 and got["scale"] == pytest.approx(32**-0.5)
 

@@ -77,14 +77,18 @@ def recorded_launches(monkeypatch, run_kernels: bool = True) -> list[tuple]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 def test_decode_split_counts(dtype, num_splits, monkeypatch):
-    # 1 = the single-slice path (the split kernel writes the output, no combine launch); 7 slices of 8 positions
-    # over a 50-slot cache: the last slice covers 48..55, mostly past T_max.
+    # 1 = the single-slice path (the program writes the output itself); 7 slices of 8 positions over a 50-slot
+    # cache: the last slice covers 48..55, mostly past T_max.  Either way one launch: the last program of each
+    # (batch·head) to arrive merges the slices, and leaves its arrival counter at zero again.
     monkeypatch.setattr(decode_mod, "run", functools.partial(decode_mod.run, num_splits=num_splits))
     launches = recorded_launches(monkeypatch)
     inputs, shape = decode_case(3, 2, 50, 32, [49, 0, 23], dtype)
     cf.check_parity(DECODE, "triton", inputs, shape=shape, msg=f"num_splits={num_splits}")
-    want = [("_decode_split_kernel", (6, num_splits))] + ([("_decode_combine_kernel", (6,))] if num_splits > 1 else [])
-    assert [(kernel.fn.__name__, grid) for kernel, _, grid, *_ in launches] == want
+    got = [(kernel.fn.__name__, grid) for kernel, _, grid, *_ in launches]
+    assert got == [("_decode_split_kernel", (6, num_splits))]
+    if num_splits > 1:
+        cnt = launches[0][3][decode_mod._decode_split_kernel.arg_names.index("Counters")]
+        assert cnt.dtype == torch.int32 and not cnt.any(), "the arrival counters must be reset"
 
 
 @pytest.mark.parametrize("num_splits", [None, 3])
@@ -167,7 +171,7 @@ def test_decode_launch_arguments_do_not_change_between_steps(monkeypatch):
                 for kernel, _, grid, args, consts, cfg in launches
             ]
         )
-    assert [step[0] for step in steps[0]] == ["_decode_split_kernel", "_decode_combine_kernel"]
+    assert [step[0] for step in steps[0]] == ["_decode_split_kernel"]
     assert steps[0] == steps[1] == steps[2]
 
 
@@ -254,7 +258,7 @@ def test_ops_trace_under_torch_compile():
 OPCHECKED = {
     "layer_norm": True, "add_layer_norm": True, "bias_gelu": True, "attention": False, "attention_lse": True,
     "decode_attention": False, "layer_norm_backward": False, "bias_gelu_backward": False,
-    "attention_backward": False, "linear_cross_entropy": True,
+    "attention_backward": False, "linear_cross_entropy": True, "fused_linear": False, "fused_mlp": False,
 }  # fmt: skip
 
 
@@ -278,6 +282,17 @@ def test_opcheck(name):
         "attention": (*qkv, True, 0.25),
         "attention_lse": (*qkv, True, 0.25),
         "decode_attention": (q, kc, vc, sl, kn, vn, 0.25),
+        "fused_linear": (x, torch.randn(48, 64, device=DEV), None, w, b, 1e-5, True, torch.randn(2, 48, device=DEV)),
+        "fused_mlp": (
+            x,
+            w,
+            b,
+            1e-5,
+            torch.randn(96, 64, device=DEV),
+            torch.randn(96, device=DEV),
+            torch.randn(64, 96, device=DEV),
+            b,
+        ),
         "layer_norm_backward": (x, x.clone(), w, 1e-5, x.clone()),
         "bias_gelu_backward": (x, x.clone(), b),
         "attention_backward": (*(attn[a] for a in ops.get_spec("attention_backward").args[:-1]), 0.3),
@@ -475,9 +490,9 @@ def test_compile_check_finds_the_kernels_through_the_registry(monkeypatch):
     triton_ops = [r.op for r in ops.implementations() if r.backend == "triton"]
     assert names == [f"gpt2fast.ops.triton.{op}" for op in triton_ops]
     kernels = {c.kernel for c in cc.cases(False, 90)}
-    assert kernels == {"attention", "bias_gelu", "decode_split", "decode_combine", "layer_norm", "reorder_cache",
-                       "layer_norm_bwd", "bias_gelu_bwd", "column_sum", "attention_bwd_delta", "attention_bwd_dkdv",
-                       "attention_bwd_dq", "cross_entropy"}  # fmt: skip
+    assert kernels == {"attention", "bias_gelu", "decode_split", "layer_norm", "reorder_cache", "fused_linear",
+                       "fused_mlp", "layer_norm_bwd", "bias_gelu_bwd", "column_sum", "attention_bwd_delta",
+                       "attention_bwd_dkdv", "attention_bwd_dq", "cross_entropy"}  # fmt: skip
     monkeypatch.delitem(_registry._impls, ("bias_gelu", "triton"))  # an op the backend no longer implements ...
     assert "gpt2fast.ops.triton.bias_gelu" not in [m.__name__ for m in cc.kernel_modules()]  # ... is not compiled
 
@@ -539,6 +554,8 @@ GPT2_SMALL = {
     "bias_gelu": dict(rows=512, n=3072),
     "attention": dict(batch=2, heads=12, seq=300, head_dim=64),
     "decode_attention": dict(batch=4, heads=12, t_max=1024, head_dim=64, seqlens=(0, 1, 700, 1023), append=True),
+    "fused_linear": dict(m=8, k=768, n=2304, ln=True, bias=True),
+    "fused_mlp": dict(m=8, c=768, h=3072),
     "reorder_cache": dict(layers=12, groups=4, beams=4, heads=12, t_max=1024, head_dim=64, seqlens=(1, 30, 700, 1024)),
     "layer_norm_backward": dict(rows=512, n=768, residual=True),
     "bias_gelu_backward": dict(rows=512, n=3072),

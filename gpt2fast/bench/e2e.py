@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -81,11 +83,14 @@ def _hf_generate(model, ids: torch.Tensor, n: int, **extra) -> torch.Tensor:
 
 @dataclass
 class Runner:
-    """A provider ready to run: ``generate(ids, n)`` and ``step()`` (one decode step, for the profiler)."""
+    """A provider ready to run: ``generate(ids, n)``, and ``prepare_step(ids)`` making one decode step (the
+    forward: layers and LM head) for the profiler; ``prepare_select(ids)`` the token selection after it (greedy),
+    when the provider has its own.  A step may carry ``step.reset()``, run before each call, unprofiled."""
 
     generate: Callable[[torch.Tensor, int], torch.Tensor]
     prepare_step: Callable[[torch.Tensor], Callable[[], object]] | None
     launches_note: str | None = None
+    prepare_select: Callable[[torch.Tensor], Callable[[], object]] | None = None
 
 
 def _hf_runner(model, **extra) -> Runner:
@@ -112,15 +117,37 @@ def _gpt2fast_runner(model: GPT2, use_cuda_graph: bool | None = False) -> Runner
         cache = model.cache
         seqlens, host_max = cache.seqlens.clone(), getattr(cache, "host_max", None)
 
-        def step():
+        def reset() -> None:
             cache.seqlens.copy_(seqlens)  # decode at the same position every time
             if host_max is not None:
                 cache.host_max = host_max
+
+        def step():
             return model.decode_step(nxt, check_ids=False)
 
+        step.reset = reset
         return step
 
-    return Runner(lambda ids, n: model.generate(ids, max_new_tokens=n, use_cuda_graph=use_cuda_graph), prepare)
+    def prepare_select(ids: torch.Tensor) -> Callable[[], object]:
+        from gpt2fast.generation import DecodeState
+        from gpt2fast.sampling import SamplingConfig, TokenHistory
+
+        lengths = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int32, device=ids.device)
+        history = TokenHistory.from_prompts(ids, lengths, ids.shape[1] + 2)
+        state = DecodeState(SamplingConfig(), history, None, 0, None)
+        logits = torch.zeros(ids.shape[0], model.config.vocab_size, dtype=model.wte.weight.dtype, device=ids.device)
+        snapshot = state.history.lengths.clone()
+
+        def select():
+            return state.select(logits)
+
+        select.reset = lambda: state.history.lengths.copy_(snapshot)
+        return select
+
+    def generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+        return model.generate(ids, max_new_tokens=n, use_cuda_graph=use_cuda_graph)
+
+    return Runner(generate, prepare, prepare_select=prepare_select)
 
 
 def providers(
@@ -146,8 +173,8 @@ def _own_factory(config, dtype, device, seed, backend: str | None, graph: bool) 
             importlib.import_module("gpt2fast.cuda_graph")  # without it generate would silently run eagerly
         model = GPT2.random(config, seed=seed, dtype=dtype, device=device, backend=backend)
         runner = _gpt2fast_runner(model, use_cuda_graph=graph)
-        if graph:  # the profiler would count the kernels inside the graph; the host launches it once
-            runner.prepare_step, runner.launches_note = None, "one CUDA graph launch per step"
+        if graph:  # the step's kernels are the graph's: counted on the eager step; the host launches one graph
+            runner.launches_note = "kernels inside the CUDA graph (counted on the eager step); one graph launch a step"
         return runner
 
     return make
@@ -168,21 +195,108 @@ def _hf_patched(config: GPT2Config, dtype: torch.dtype, device: torch.device, se
     return _hf_runner(patch_hf(build_hf(config, dtype, device, seed)))
 
 
-# ---- measuring ---------------------------------------------------------------------------
-def count_launches(step: Callable[[], object], device: torch.device) -> int | None:
-    """GPU kernels (and memcpy/memset) one call of ``step`` runs, from the torch profiler; None on CPU
-    (where ``step`` still runs twice, so the step itself is exercised)."""
-    step()
-    sync(device)
-    if device.type != "cuda":
-        step()
-        return None
+# ---- launch counting ---------------------------------------------------------------------
+#: aten ops that never launch a kernel: views, metadata, allocation (an op that copies has a ``copy_`` child).
+NO_KERNEL_OPS = frozenset(
+    "aten::" + name
+    for name in (
+        "view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "as_strided", "select", "slice", "narrow",
+        "unsqueeze", "squeeze", "transpose", "t", "permute", "expand", "expand_as", "alias", "unbind", "split",
+        "split_with_sizes", "chunk", "detach", "contiguous", "empty", "empty_strided", "empty_like", "resolve_conj",
+        "resolve_neg", "lift_fresh", "result_type", "size", "stride", "is_nonzero", "_local_scalar_dense", "item",
+        "to", "type_as", "numpy_T", "set_", "_has_compatible_shallow_copy_type", "broadcast_tensors", "resize_",
+    )
+)  # fmt: skip
+#: Profiler range around each Triton launch run by the interpreter (its aten ops are the interpreter's, not ours).
+TRITON_RANGE = "triton::"
+
+
+@dataclass
+class Launches:
+    """Kernel launches of one decode step: the total, by kernel or op name, and how they were counted."""
+
+    total: int
+    by_name: dict[str, int]
+    method: str
+
+
+def _is_kernel_op(event) -> bool:
+    """An aten op that runs a kernel itself: not a view or allocation, not the copy of a Python scalar into a 0-dim
+    tensor (``x + 1``), and no aten op under it does the work."""
+    if not event.name.startswith("aten::") or event.name in NO_KERNEL_OPS:
+        return False
+    shapes = [s for s in event.input_shapes or [] if isinstance(s, list)]
+    if event.name == "aten::copy_" and shapes and all(s == [] for s in shapes):
+        return False
+    return not any(c.name.startswith("aten::") and c.name not in NO_KERNEL_OPS for c in event.cpu_children)
+
+
+def _inside_triton(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(TRITON_RANGE):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+@contextmanager
+def _triton_ranges():
+    """Wrap every interpreted Triton launch in a profiler range named ``triton::<kernel>`` (no-op when Triton
+    does not run interpreted)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        yield
+        return
+    from torch.profiler import record_function
+
+    real = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        with record_function(TRITON_RANGE + getattr(self.fn, "__name__", str(self.fn))):
+            return real(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = real
+
+
+def count_launches(step: Callable[[], object], device: torch.device) -> Launches:
+    """The launches of one call of ``step`` (run once before, to warm up), from the torch profiler.
+
+    On a GPU: every kernel, memcpy and memset on the device.  On CPU, where nothing launches, what would: each
+    aten op that does work itself (:func:`_is_kernel_op`: not a view, not a wrapper of another op), plus each
+    Triton kernel the interpreter runs (counted once, whatever aten ops it uses inside).
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        sync(device)
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    reset = getattr(step, "reset", lambda: None)
+    reset()
+    step()
+    sync(device)
+    reset()
+    sync(device)
+    counts: Counter = Counter()
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync(device)
+        counts.update(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        method = "torch profiler: CUDA kernels, memcpy and memset"
+    else:
+        with _triton_ranges(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            step()
+        for e in prof.events():
+            if e.name.startswith(TRITON_RANGE) or (_is_kernel_op(e) and not _inside_triton(e)):
+                counts[e.name] += 1
+        method = "torch profiler on CPU: aten ops that do work + Triton launches (interpreter)"
+    return Launches(sum(counts.values()), dict(counts.most_common()), method)
+
+
+# ---- measuring ---------------------------------------------------------------------------
 
 
 def _record(size: str, provider: str, opts: Options, batch: int) -> dict:
@@ -239,9 +353,18 @@ def measure(runner: Runner, ids: torch.Tensor, opts: Options, device: torch.devi
         rec["launches_note"] = runner.launches_note
     if runner.prepare_step is not None:
         try:
-            rec["launches_per_step"] = count_launches(runner.prepare_step(ids), device)
+            launches = count_launches(runner.prepare_step(ids), device)
         except Exception as exc:
             rec["launches_note"] = f"profiler failed: {type(exc).__name__}: {exc}"[:300]
+        else:
+            rec["launches_per_step"] = launches.total
+            rec["launches_by_name"] = launches.by_name
+            rec["launches_method"] = launches.method
+    if runner.prepare_select is not None:
+        try:
+            rec["select_launches_per_step"] = count_launches(runner.prepare_select(ids), device).total
+        except Exception as exc:
+            rec["launches_note"] = f"profiler failed on the token selection: {type(exc).__name__}: {exc}"[:300]
 
 
 def _roofline(rec: dict, config: GPT2Config, opts: Options, peaks: dict | None) -> None:

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from gpt2fast.ops._spec import OpSpec
 
 #: Modules of the built-in backends besides ``reference``, imported on first use.
-BUILTIN_BACKENDS: tuple[str, ...] = ("gpt2fast.ops.triton", "gpt2fast.ops.cuda")
+BUILTIN_BACKENDS: tuple[str, ...] = ("gpt2fast.ops.triton", "gpt2fast.ops.cuda", "gpt2fast.ops.cpu")
 #: The backend that implements every op (each spec's reference implementation); always available.
 REFERENCE = "reference"
 AUTO = "auto"

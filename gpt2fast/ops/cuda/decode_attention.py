@@ -1,6 +1,6 @@
 """Flash-decoding through ``_C.decode_attention`` (``csrc/decode_attention.cu``): one query token per sequence
 against a KV cache split into :func:`choose_splits` chunks, with the append of ``k_new``/``v_new`` done by the
-split that owns the slot, in the same launch.
+split that owns the slot and the merge of the splits done by the last one to finish, all in one launch.
 
 The split count depends on B·H and T_max only, and the scratch buffers on B, H, D and that count, so a call is
 CUDA-graph capturable; ``cache_seqlens`` is read on the device only (clamped to [0, T_max] there).
@@ -13,6 +13,7 @@ import math
 import torch
 
 from gpt2fast.ops._registry import register_impl
+from gpt2fast.ops._workspace import counters
 from gpt2fast.ops.cuda import _ext
 from gpt2fast.ops.specs import decode_attention as spec
 
@@ -53,7 +54,7 @@ def supports(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) -> str | N
     if reason is not None:
         return reason
     if b * h > _ext.INT32_MAX:
-        return f"cuda backend: B*H must be <= 2**31 - 1 (combine kernel grid), got {b * h}"
+        return f"cuda backend: B*H must be <= 2**31 - 1 (the merge's counters), got {b * h}"
     return _ext.seq_reason("T_max", k_cache.shape[2]) or _ext.fp32_param_reason("scale", _ext.default_scale(d, scale))
 
 
@@ -68,11 +69,12 @@ def decode_attention_op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale)
     t_max = k_cache.shape[2]
     splits = choose_splits(b * h, t_max, _ext.num_sms(device))
     out = _ext.new_like(q)
-    o_part = lse = None
+    o_part = lse = cnt = None
     if splits > 1:  # sized by B, H, D and the split count only: graph-capture safe
         o_part = torch.empty((b, h, splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, h, splits), dtype=torch.float32, device=q.device)
-    tensors = dict(cache_seqlens=cache_seqlens, out=out, o_part=o_part, lse=lse)
+        cnt = counters(q.device, b * h)  # zero before and after the launch
+    tensors = dict(cache_seqlens=cache_seqlens, out=out, o_part=o_part, lse=lse, counters=cnt)
     strided = dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     sizes = dict(batch=b, heads=h, t_max=t_max, head_dim=d, num_splits=splits)
     _ext.launch("decode_attention", device, q, tensors, strided, **sizes, scale=scale)

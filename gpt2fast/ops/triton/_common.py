@@ -1,6 +1,8 @@
 """Helpers shared by the Triton kernels: interpreter detection, the autotune switch and :func:`launch`, the
-upcasting switch, ``tanh`` built from ``tl.exp``, and the compile-case record used by
-``benchmarks/compile_check.py``.  The configs themselves (tiles, spill sets, heuristics) are in ``_tuning``.
+upcasting switch, ``tanh`` and GPT-2's GELU built from ``tl.exp``, programmatic dependent launch
+(:func:`use_pdl`), the zeroed arrival counters of the last-arriving-program reductions (:func:`counters`,
+:func:`arrive`), and the compile-case record used by ``benchmarks/compile_check.py``.  The configs themselves
+(tiles, spill sets, heuristics) are in ``_tuning``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from gpt2fast.ops._workspace import counters  # noqa: F401  (re-exported for the kernel modules)
 
 #: Triton type strings of the torch dtypes the kernels accept.
 TL_DTYPE: dict[torch.dtype, str] = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -87,6 +91,46 @@ def tanh(x):
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
 
+@triton.jit
+def gelu_tanh(u):
+    """GPT-2's "gelu_new" of fp32 ``u``: 0.5·u·(1 + tanh(√(2/π)·(u + 0.044715·u³)))."""
+    return 0.5 * u * (1.0 + tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
+
+
+# ---- last-arriving-program reductions ---------------------------------------------------------------------------
+@triton.jit
+def arrive(Counter, count):
+    """Signal that this program's earlier stores are done; True in the program that arrives last of ``count``.
+
+    A CTA barrier orders every thread's stores before one acq_rel atomic at GPU scope (release: the stores are
+    visible to whoever acquires the count; acquire: the last one then sees everybody's).  The last program must
+    read the others' data with ``cache_modifier=".cg"`` (L2, never a stale L1 line) and reset the counter to 0
+    (``tl.atomic_xchg``), so the next launch, or a CUDA-graph replay, finds it zeroed.  Which program is last
+    varies from run to run; a reduction it performs in a fixed order does not, so results stay bit-identical.
+    """
+    tl.debug_barrier()
+    ticket = tl.atomic_add(Counter, 1, sem="acq_rel", scope="gpu")
+    return ticket == count - 1
+
+
+# ---- programmatic dependent launch ------------------------------------------------------------------------------
+@functools.cache
+def _pdl_capable(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels that support it launch with programmatic dependent launch on ``device``: sm_90 or newer
+    (``griddepcontrol``), not interpreted, and ``GPT2FAST_PDL`` not ``0``.
+
+    Such a kernel calls ``gdc_launch_dependents`` and then ``gdc_wait`` before it touches any memory another
+    kernel writes, so the next kernel's launch and set-up overlap this one's tail (unverified on a GPU).
+    """
+    if device.type != "cuda" or interpreting() or os.environ.get("GPT2FAST_PDL", "1") == "0":
+        return False
+    return _pdl_capable(device)
+
+
 @dataclass(frozen=True)
 class CompileCase:
     """One kernel specialisation that the backend can launch, for the offline compile check.
@@ -125,9 +169,11 @@ def launch(
     args: tuple,
     consts: dict,
     config: triton.Config,
+    **options: object,
 ) -> None:
     """Launch ``kernel`` on ``grid``: through its autotuner ``tuned`` when autotuning is on,
-    else with the deterministic heuristic ``config`` (also the interpreter's fixed config).
+    else with the deterministic heuristic ``config`` (also the interpreter's fixed config).  ``options`` are
+    launch options (``launch_pdl=True``).
 
     Triton launches on the current CUDA device, so the launch runs under the first tensor argument's device.
     """
@@ -135,9 +181,11 @@ def launch(
     on_device = torch.cuda.device(device) if device is not None and device.type == "cuda" else nullcontext()
     with on_device:
         if tuned is not None and autotune_enabled():
-            tuned[grid](*args, **consts)
+            tuned[grid](*args, **consts, **options)
         else:
-            kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            kernel[grid](
+                *args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **options
+            )
 
 
 # ---- the column sums of the backward kernels' per-program partial sums ---------------------------------------

@@ -151,8 +151,6 @@ DECODE_SPILLS = {
     (80, 128, False): {(64, 2, 3)},
     (80, 64, True): {(128, 4, 2)},
 }
-#: Warps of the combine kernel on a GPU (no spills anywhere; one warp under the interpreter).
-DECODE_COMBINE_WARPS = 4
 
 
 def decode_tiles(dtype: torch.dtype, head_dim: int, arch: int = 90) -> list[Tile]:
@@ -172,11 +170,6 @@ def decode_split_heuristic(head_dim: int) -> triton.Config:
     if interpreting():
         return triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)
     return triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)
-
-
-def decode_combine_config() -> triton.Config:
-    """The combine kernel's only config: :data:`DECODE_COMBINE_WARPS` warps (one under the interpreter)."""
-    return triton.Config({}, num_warps=1 if interpreting() else DECODE_COMBINE_WARPS, num_stages=1)
 
 
 def split_bucket(split_len: int) -> int:

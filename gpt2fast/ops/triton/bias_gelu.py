@@ -12,7 +12,7 @@ import triton.language as tl
 
 from gpt2fast.ops._registry import register_impl
 from gpt2fast.ops.specs import bias_gelu_backward as backward_spec
-from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, launch, signature, tanh
+from gpt2fast.ops.triton._common import TL_DTYPE, CompileCase, gelu_tanh, launch, signature
 from gpt2fast.ops.triton._tuning import BIAS_GELU_CONFIGS, bias_gelu_heuristic
 
 
@@ -23,8 +23,7 @@ def _bias_gelu_kernel(X, Bias, Y, N, BLOCK_N: tl.constexpr):
     mask = cols < N
     u = tl.load(X + row + cols, mask=mask, other=0.0).to(tl.float32)
     u += tl.load(Bias + cols, mask=mask, other=0.0).to(tl.float32)
-    y = 0.5 * u * (1.0 + tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
-    tl.store(Y + row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row + cols, gelu_tanh(u).to(Y.dtype.element_ty), mask=mask)
 
 
 _bias_gelu_tuned = triton.autotune(configs=BIAS_GELU_CONFIGS, key=["N"])(_bias_gelu_kernel)

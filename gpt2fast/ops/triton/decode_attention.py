@@ -1,11 +1,14 @@
-"""Single-token attention against a KV cache by flash-decoding, as two Triton kernels.
+"""Single-token attention against a KV cache by flash-decoding, in one Triton launch.
 
-The cache length is cut into ``num_splits`` slices of ``split_len`` positions.  The split
-kernel runs one program per (batch·head, slice): it reads that sequence's length from
+The cache length is cut into ``num_splits`` slices of ``split_len`` positions.  The kernel
+runs one program per (batch·head, slice): it reads that sequence's length from
 ``cache_seqlens`` in device memory (no host sync, so one compiled launch serves every
 step and CUDA graphs can capture it), folds its slice into an fp32 online softmax and
-writes a normalised partial output plus its log-sum-exp (log2 domain).  The combine
-kernel merges the slices.  With a single slice the split kernel writes the output itself.
+writes a normalised partial output plus its log-sum-exp (log2 domain).  The last program of
+a (batch·head) to arrive (one arrival counter each, :func:`~gpt2fast.ops.triton._common.arrive`)
+merges the slices in slice order and writes the output, then resets its counter: no second
+launch, and the same bits whoever arrives last.  With a single slice the program writes the
+output itself.
 
 The number of slices depends only on B·H, T_max and the GPU's SM count (never on the
 lengths), and the partial buffers are sized from those, so nothing depends on data.
@@ -28,20 +31,15 @@ from gpt2fast.ops.specs import decode_attention as spec
 from gpt2fast.ops.triton._common import (
     TL_DTYPE,
     CompileCase,
+    arrive,
+    counters,
     int32_span_reason,
     interpreting,
     launch,
-    next_pow2,
     num_sms,
     signature,
 )
-from gpt2fast.ops.triton._tuning import (
-    DECODE_COMBINE_WARPS,
-    DECODE_SPLIT,
-    decode_combine_config,
-    decode_split_heuristic,
-    split_bucket,
-)
+from gpt2fast.ops.triton._tuning import DECODE_SPLIT, decode_split_heuristic, split_bucket
 
 #: Head dims the kernels are compiled for (the same as prefill attention).
 HEAD_DIMS = (32, 64, 128)
@@ -53,7 +51,7 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _decode_split_kernel(
-    Q, Kc, Vc, Knew, Vnew, Seqlens, O, Opart, Lse, sm_scale,
+    Q, Kc, Vc, Knew, Vnew, Seqlens, O, Opart, Lse, Counters, sm_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -116,24 +114,29 @@ def _decode_split_kernel(
     if DIRECT:
         tl.store(O + pid_bh * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
     else:
-        row = pid_bh * NUM_SPLITS + split
-        tl.store(Opart + row * HEAD_DIM + offs_d, out)
-        tl.store(Lse + row, m_i + tl.math.log2(tl.maximum(l_i, 1.0)))  # -inf for an empty slice
+        row0 = pid_bh.to(tl.int64) * NUM_SPLITS
+        tl.store(Opart + (row0 + split) * HEAD_DIM + offs_d, out)
+        tl.store(Lse + row0 + split, m_i + tl.math.log2(tl.maximum(l_i, 1.0)))  # -inf for an empty slice
+        if arrive(Counters + pid_bh, NUM_SPLITS):
+            _combine(Opart, Lse, O, pid_bh, row0, NUM_SPLITS, HEAD_DIM)
+            tl.atomic_xchg(Counters + pid_bh, 0)
 
 
 @triton.jit
-def _decode_combine_kernel(Opart, Lse, O, NUM_SPLITS, HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    offs_s = tl.arange(0, SPLITS_POW2)
+def _combine(Opart, Lse, O, pid_bh, row0, NUM_SPLITS, HEAD_DIM: tl.constexpr):
+    """Merge the NUM_SPLITS partials of one (batch·head), in slice order (run by the last program to arrive)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    in_range = offs_s < NUM_SPLITS
-    rows = pid_bh * NUM_SPLITS + offs_s
-    lse = tl.load(Lse + rows, mask=in_range, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty slices
-    o = tl.load(Opart + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0.0)
-    den = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0.0, den, 1.0)  # an empty sequence gives zeros
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        m = tl.maximum(m, tl.load(Lse + row0 + s, cache_modifier=".cg"))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.full([], 0.0, dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        w = tl.math.exp2(tl.load(Lse + row0 + s, cache_modifier=".cg") - m)  # 0 for an empty slice
+        den += w
+        acc += w * tl.load(Opart + (row0 + s) * HEAD_DIM + offs_d, cache_modifier=".cg")
+    out = acc / tl.where(den > 0.0, den, 1.0)  # an empty sequence gives zeros
     tl.store(O + pid_bh * HEAD_DIM + offs_d, out.to(O.dtype.element_ty))
 
 
@@ -179,7 +182,7 @@ def run(
     scale: float,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Launch the split (and combine) kernels; ``num_splits`` overrides :func:`split_plan` (tests)."""
+    """Launch the kernel; ``num_splits`` overrides :func:`split_plan` (tests)."""
     B, H, D = q.shape
     t_max = k_cache.shape[2]
     splits, split_len = split_plan(B * H, t_max, q.device)
@@ -196,20 +199,18 @@ def run(
         k_new = v_new = q  # unused
     direct = splits == 1
     if direct:
-        opart = lse = out  # unused
+        opart = lse = cnt = out  # unused
     else:
         opart = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
         lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
+        cnt = counters(q.device, B * H)
     args = (
-        q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, opart, lse, scale,
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens, out, opart, lse, cnt, scale,
         q.stride(0), q.stride(1), *k_cache.stride(), *v_cache.stride(), k_new.stride(0), k_new.stride(1),
         H, t_max, split_len, splits, split_bucket(split_len),
     )  # fmt: skip
     consts = dict(HEAD_DIM=D, HAS_NEW=has_new, DIRECT=direct)
     launch(_decode_split_kernel, _decode_split_tuned, (B * H, splits), args, consts, decode_split_heuristic(D))
-    if not direct:
-        consts = dict(HEAD_DIM=D, SPLITS_POW2=next_pow2(splits))
-        launch(_decode_combine_kernel, None, (B * H,), (opart, lse, out, splits), consts, decode_combine_config())
     return out
 
 
@@ -232,10 +233,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) ->
 
 
 def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
-    """The configs the kernels can launch with on target ``arch``.  Split kernel: the heuristic config per
-    dtype x head dim (appending, several slices), fp16 D=64 also without append and with a single slice, and
-    every autotune config (after pruning for ``arch``) at fp16 D=64 appending.  Combine kernel: fp16 at each
-    head dim, every dtype at D=64 (64 slices).  ``full``: everything.
+    """The configs the kernel can launch with on target ``arch``: the heuristic config per dtype x head dim
+    (appending, several slices, so with the in-launch combine), fp16 D=64 also without append and with a single
+    slice, and every autotune config (after pruning for ``arch``) at fp16 D=64 appending.  ``full``: everything.
     Unit last-dim cache strides are constexpr 1, as the JIT specialises them."""
     cases = []
     for dtype, tname in TL_DTYPE.items():
@@ -254,7 +254,8 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                             HEAD_DIM=d, HAS_NEW=has_new, DIRECT=direct, stride_kd=1, stride_vd=1, **cfg.kwargs
                         )
                         types = dict(Q=ptr, Kc=ptr, Vc=ptr, Knew=ptr, Vnew=ptr, Seqlens="*i32", O=ptr)
-                        types.update(Opart="*fp32", Lse="*fp32", sm_scale="fp32", SPLIT_LEN="i32", NUM_SPLITS="i32")
+                        types.update(Opart="*fp32", Lse="*fp32", Counters="*i32", sm_scale="fp32", SPLIT_LEN="i32")
+                        types.update(NUM_SPLITS="i32")
                         types.update(SPLIT_BUCKET="i32")
                         names = _decode_split_kernel.arg_names
                         types.update({n: "i32" for n in names if n.startswith("stride") or n in ("H", "T_max")})
@@ -266,11 +267,4 @@ def compile_cases(full: bool = False, arch: int = 90) -> list[CompileCase]:
                         label = f"{tname} D={d} new={int(has_new)} direct={int(direct)} BLOCK_N={bn} w={w} s={s}"
                         case = CompileCase("decode_split", _decode_split_kernel, sig, consts, w, s, label, is_heur)
                         cases.append(case)
-            if full or dtype == torch.float16 or d == 64:
-                consts = dict(HEAD_DIM=d, SPLITS_POW2=MAX_SPLITS)
-                types = dict(Opart="*fp32", Lse="*fp32", O=ptr, NUM_SPLITS="i32")
-                sig = signature(_decode_combine_kernel, types, consts)
-                w = DECODE_COMBINE_WARPS
-                label = f"{tname} D={d} splits<={MAX_SPLITS} w={w}"
-                cases.append(CompileCase("decode_combine", _decode_combine_kernel, sig, consts, w, 1, label, True))
     return cases
