@@ -1,4 +1,4 @@
-"""The ``gpt2fast`` command: ``generate``, ``info``, ``parity`` and ``bench``, one module per command.
+"""The ``gpt2fast`` command: ``generate``, ``info``, ``parity``, ``bench`` and ``train``, one module per command.
 
 Every command returns an exit status: 0 success, 1 a check failed (``parity``, ``bench kernels``) or the
 machine ran out of memory, 2 bad input (unknown size, missing model directory, invalid sampling settings, an
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gpt2fast.cli import bench, generate, info, parity
+from gpt2fast.cli import bench, generate, info, parity, train
 from gpt2fast.cli._common import Parser, UsageError, consoles
 
 __all__ = ["PROG", "UsageError", "build_parser", "main"]
@@ -27,7 +27,7 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Custom Triton/CUDA kernels for GPT-2, checked against transformers.")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (generate, info, parity, bench):
+    for command in (generate, info, parity, bench, train):
         command.add_parser(sub)
     return parser
 
