@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gpt2fast.cli import bench, generate, info, parity, train
+from gpt2fast.cli import bench, eval_perplexity, generate, info, parity, train
 from gpt2fast.cli._common import Parser, UsageError, consoles
 
 __all__ = ["PROG", "UsageError", "build_parser", "main"]
@@ -29,6 +29,9 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in (generate, info, parity, bench, train):
         command.add_parser(sub)
+    # TEMPORARY (issue 12): an `eval` command holding only `perplexity`, until gpt2fast/cli/eval.py (issue 13, with
+    # `eval bleu`) lands and calls eval_perplexity.add_perplexity_parser on its own subparsers instead.
+    eval_perplexity.add_parser(sub)
     return parser
 
 
