@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,14 +121,15 @@ class TokenData:
 def _write_split(path: Path, docs: list[list[int]]) -> int:
     """Write the concatenated ids of ``docs`` to ``path`` as ``uint16``; returns the token count."""
     n = sum(len(d) for d in docs)
-    arr = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint16, shape=(n,))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # per process: ranks that do not see rank 0's cache write theirs
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(n,))
     pos = 0
     for d in docs:
         arr[pos : pos + len(d)] = d
         pos += len(d)
     arr.flush()
     del arr
-    path.with_suffix(".tmp.npy").replace(path)
+    tmp.replace(path)
     return n
 
 
@@ -211,7 +213,7 @@ def prepare(
             "n_train": _write_split(directory / "train.npy", train_docs),
             "n_val": _write_split(directory / "val.npy", val_docs),
         }
-        tmp = meta_path.with_suffix(".tmp")
+        tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         tmp.replace(meta_path)  # the cache counts as written only once meta.json is there
     return open_cache(directory, block_size)
