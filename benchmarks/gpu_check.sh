@@ -13,10 +13,11 @@
 #   racecheck  compute-sanitizer --tool racecheck over the same tests
 #   kernels    gpt2fast bench kernels --quick  (JSON written as it goes: a time-out keeps what ran)
 #   e2e        gpt2fast bench e2e --size gpt2 --batch 1,8,64 --prompt 128 --new 128
+#   train      gpt2fast bench train --size gpt2 --shape 8x1024 (training step per provider, loss head, attn bwd)
 #   report     markdown tables + PNG plots from the JSON
 #
-# OUT_DIR receives at most 6 files, none in sub-folders (what a remote run can bring back):
-#   summary.md  status.json  kernels.json  e2e.json  logs.tar.gz  plots.tar.gz
+# OUT_DIR receives at most 7 files, none in sub-folders (a remote run brings back at most 8):
+#   summary.md  status.json  kernels.json  e2e.json  train.json  logs.tar.gz  plots.tar.gz
 #
 # Exit status: 0 when no step FAILED or TIMED OUT (skipped steps, e.g. for lack of a GPU, are fine).
 # Environment: PYTHON (interpreter), GPU_CHECK_BUDGET_S (total seconds, default 540 on GPU).
@@ -198,19 +199,29 @@ step_e2e() {
     fi
 }
 
+step_train() {
+    if [ "$DRY" = 1 ]; then
+        "$PYTHON" -m gpt2fast bench train --device cpu --steps 1 --warmup 0 --json "$WORK/train.json"
+    else  # one size and shape here; the full sweep (gpt2, gpt2-medium x 8x1024, 32x512) is the plain command
+        "$PYTHON" -m gpt2fast bench train --size gpt2 --shape 8x1024 --steps 5 --warmup 2 --json "$WORK/train.json"
+    fi
+}
+
 step_report() {
     local docs=()
     [ -f "$WORK/kernels.json" ] && docs+=("$WORK/kernels.json")
     [ -f "$WORK/e2e.json" ] && docs+=("$WORK/e2e.json")
+    [ -f "$WORK/train.json" ] && docs+=("$WORK/train.json")
     [ "${#docs[@]}" = 0 ] && { echo "no results JSON to report on"; return 1; }
     "$PYTHON" -m gpt2fast.bench.report "${docs[@]}" -o "$WORK/results.md" || return 1
     if [ -f "$WORK/kernels.json" ]; then "$PYTHON" -m gpt2fast.bench.plots "$WORK/kernels.json" "$WORK/plots" || return 1; fi
 }
 
 export DRY PYTHON LOGS WORK
-export -f test_env step_env step_build pytest_step step_tests_gpu step_tests_all sanitizer step_kernels step_e2e step_report
+export -f test_env step_env step_build pytest_step step_tests_gpu step_tests_all sanitizer step_kernels step_e2e step_train
+export -f step_report
 
-# Budgets (GPU): 30 + 150 + 90 + 100 + 60 + 40 + 180 + 150 + 30 s at most, cut further by the total budget;
+# Budgets (GPU): 30 + 150 + 90 + 100 + 60 + 40 + 180 + 150 + 120 + 30 s at most, cut further by the total budget;
 # RESERVE keeps time for the benchmarks and the report whatever the earlier steps do.
 run_step env 30 420 bash -c step_env
 run_step build 150 400 bash -c step_build
@@ -218,8 +229,9 @@ run_step tests_gpu 90 360 bash -c step_tests_gpu
 run_step tests_all 100 330 bash -c step_tests_all
 run_step memcheck 60 300 bash -c "sanitizer memcheck"
 run_step racecheck 40 290 bash -c "sanitizer racecheck"
-run_step kernels 180 150 bash -c step_kernels
-run_step e2e 150 20 bash -c step_e2e
+run_step kernels 180 270 bash -c step_kernels
+run_step e2e 150 140 bash -c step_e2e
+run_step train 120 20 bash -c step_train
 run_step report 30 0 bash -c step_report
 
 # ---- pack OUT_DIR -----------------------------------------------------------------------------
@@ -238,7 +250,7 @@ FAILED=0
         case "$status" in FAIL|TIMEOUT) FAILED=1 ;; esac
     done
     echo
-    echo "Logs (per step), junit XML: logs.tar.gz.  Plots: plots.tar.gz.  Raw results: kernels.json, e2e.json."
+    echo "Logs (per step), junit XML: logs.tar.gz.  Plots: plots.tar.gz.  Raw results: kernels.json, e2e.json, train.json."
     echo
     [ -f "$WORK/results.md" ] && cat "$WORK/results.md"
 } >"$OUT/summary.md"
@@ -256,7 +268,7 @@ json_str() { local v="${1//\\/\\\\}"; v="${v//\"/\\\"}"; printf '"%s"' "${v//$'\
     printf '\n], "ok": %s}\n' "$([ "$FAILED" = 0 ] && echo true || echo false)"
 } >"$OUT/status.json"
 
-for f in kernels.json e2e.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"; done
+for f in kernels.json e2e.json train.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"; done
 # Keep each log's tail so the tarball stays far below the 16 MiB a file may have.
 for f in "$LOGS"/*.log; do
     if [ "$(stat -c %s "$f")" -gt 3000000 ]; then tail -c 3000000 "$f" >"$f.tail" && mv "$f.tail" "$f"; fi

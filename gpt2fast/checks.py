@@ -120,6 +120,19 @@ def check_ids(input_ids: object, config: GPT2Config, device: torch.device) -> No
         raise ValueError(f"input_ids contains id {bad}, outside the vocabulary [0, {config.vocab_size})")
 
 
+def check_labels(labels: object, input_ids: torch.Tensor) -> None:
+    """``labels`` for the loss of checked ``input_ids``: an integer tensor of the same shape and device (the op
+    checks the values: a vocab id or the ignore index)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have input_ids' shape {list(input_ids.shape)}, got {list(labels.shape)}")
+    if labels.device != input_ids.device:
+        raise RuntimeError(f"labels is on {labels.device} but input_ids is on {input_ids.device}")
+
+
 def check_cache_size(batch_size: object, max_len: object, n_positions: int) -> None:
     """``setup_cache``'s sizes: ints, ``1 <= max_len <= n_positions`` and ``batch_size >= 1``."""
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):

@@ -31,12 +31,20 @@ class GPT2Config:
     layer_norm_epsilon: float = 1e-5
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    # Dropout probabilities, transformers' names and defaults; active only in train() mode.
+    embd_pdrop: float = 0.1  # on the token + position embeddings
+    resid_pdrop: float = 0.1  # on each attention and MLP output, before it joins the residual stream
+    attn_pdrop: float = 0.1  # on the attention probabilities
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
+        for name in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"GPT2Config.{name} must be a probability in [0, 1], got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 

@@ -9,6 +9,13 @@ Prefill and decode follow from the cache and the input, as with gpt-fast's
 ``input_pos``: with a cache, one token per sequence decodes at that sequence's
 length, a longer input fills the cache from position 0; without one, the
 forward is plain causal attention.
+
+Training: ``model(input_ids, labels=labels)`` returns a :class:`CausalLMOutput` whose ``loss`` is
+transformers' next-token loss, computed by the fused ``ops.linear_cross_entropy`` (the ``[B, T, V]``
+logits are never built).  Dropout follows the config and acts only in ``train()`` mode; outside it no
+dropout code runs at all.  Dropout on the attention probabilities is not in the kernels: in training with
+``attn_pdrop > 0`` that one op runs as PyTorch's SDPA with dropout (FlashAttention's on a GPU).  Under
+autocast the residual stream is kept in the autocast dtype and each op gets its parameters in that dtype.
 """
 
 from __future__ import annotations
@@ -24,6 +31,27 @@ from torch import nn
 
 from gpt2fast import checks, generation, loading, ops
 from gpt2fast.config import GPT2Config
+
+#: Labels equal to this are ignored by the loss (transformers' and PyTorch's convention).
+IGNORE_INDEX = -100
+
+
+class CausalLMOutput(NamedTuple):
+    """``GPT2.forward``'s result when given labels, named as transformers' output: ``loss``, the mean next-token
+    cross-entropy (a scalar), and ``logits``, None since the fused loss never builds them."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout(x, p)`` when training; otherwise ``x`` itself, with no call at all (inference pays nothing)."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
+
+
+def like(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Parameter ``p`` in activation ``x``'s dtype: ``p`` itself, unless autocast made ``x`` lower precision."""
+    return p if p.dtype == x.dtype else p.to(x.dtype)
 
 
 class LayerKV(NamedTuple):
@@ -70,9 +98,10 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(LN(x), x)``, or with ``residual`` ``(LN(x + residual), x + residual)``; all ``[B, T, C]``."""
+        weight, bias = like(self.weight, x), like(self.bias, x)
         if residual is None:
-            return ops.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend), x
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
+            return ops.layer_norm(x, weight, bias, self.eps, backend=self.backend), x
+        return ops.layer_norm(x, weight, bias, self.eps, residual=residual, backend=self.backend)
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,7 +109,8 @@ class CausalSelfAttention(nn.Module):
 
     Without a cache it is plain causal attention.  With one layer's cache view, ``T == 1`` is a decode step
     (attend to the cache, appending this token's k/v at each sequence's length); a longer input is a prefill
-    (causal attention, and its k/v written to the cache from position 0).
+    (causal attention, and its k/v written to the cache from position 0).  In training with ``attn_pdrop > 0``
+    the attention runs as PyTorch's SDPA with dropout on the probabilities (the kernels have none).
     """
 
     def __init__(self, config: GPT2Config, backend: str | None = None) -> None:
@@ -88,6 +118,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_pdrop = config.resid_pdrop
         self.backend = backend
 
     def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
@@ -109,12 +141,15 @@ class CausalSelfAttention(nn.Module):
             y = y.view(B, 1, C)  # [B, 1, C]
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]: strided views, no copies
-            y = ops.attention(q, k, v, causal=True, backend=self.backend)  # [B, H, T, D]
+            if self.training and self.attn_pdrop > 0:  # dropout on the probabilities: SDPA, not the kernels
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop, is_causal=True)
+            else:
+                y = ops.attention(q, k, v, causal=True, backend=self.backend)  # [B, H, T, D]
             if cache is not None:  # prefill: fill the cache from position 0
                 cache.k[:B, :, :T] = k  # [B, H, T, D] into [B, H, max_len, D]
                 cache.v[:B, :, :T] = v
             y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, H, D] -> [B, T, C]
-        return self.c_proj(y)
+        return dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
 
 class MLP(nn.Module):
@@ -124,12 +159,14 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
         self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.resid_pdrop = config.resid_pdrop
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, C]`` to ``[B, T, C]``; c_fc's bias is added inside the GELU kernel."""
-        h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias, backend=self.backend)  # [B, T, M]
-        return self.c_proj(h)
+        h = F.linear(x, self.c_fc.weight)  # [B, T, M]
+        h = ops.bias_gelu(h, like(self.c_fc.bias, h), backend=self.backend)
+        return dropout(self.c_proj(h), self.resid_pdrop, self.training)
 
 
 class Block(nn.Module):
@@ -198,17 +235,41 @@ class GPT2(nn.Module):
         filled from position 0 (prefill).
         """
         x, residual = self.wte(idx) + self.wpe(pos), None  # [B, T, C]
+        if torch.is_autocast_enabled(x.device.type):  # the residual stream in the autocast dtype, as the ops take it
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = dropout(x, self.config.embd_pdrop, self.training)
         for i, block in enumerate(self.h):
             x, residual = block(x, residual, None if cache is None else cache.layer(i))
         y, _ = self.ln_f(x, residual)
         return y
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full causal forward without the cache: ``[B, T]`` ids to ``[B, T, V]`` logits."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor | CausalLMOutput:
+        """Full causal forward without the cache: ``[B, T]`` ids to ``[B, T, V]`` logits.
+
+        With ``labels`` (``[B, T]``, usually the ids themselves, ``-100`` where no loss is wanted) it returns
+        :class:`CausalLMOutput` instead: ``loss`` as ``transformers.GPT2LMHeadModel(input_ids,
+        labels=labels).loss`` computes it (position ``t`` predicts ``labels[:, t + 1]``; the mean over the
+        labels that are not ``-100``; 0 when there are none) and ``logits=None``: the loss is the fused
+        ``ops.linear_cross_entropy`` over the final hidden states, so the logits are never built.
+        """
         self.check_ids(input_ids)
-        T = input_ids.shape[1]
+        if labels is not None:
+            checks.check_labels(labels, input_ids)
+        B, T = input_ids.shape
         pos = torch.arange(T, device=input_ids.device)  # [T]
-        return F.linear(self._hidden(input_ids, pos), self.wte.weight)
+        y = self._hidden(input_ids, pos)  # [B, T, C]
+        if labels is None:
+            return F.linear(y, self.wte.weight)  # [B, T, V]
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]: the next token; none after the last
+        loss = ops.linear_cross_entropy(
+            y.reshape(B * T, -1),  # [B*T, C]
+            like(self.wte.weight, y),  # [V, C]: the LM head, tied to the token embedding
+            targets.reshape(B * T),  # [B*T]
+            ignore_index=IGNORE_INDEX,
+            reduction="mean",
+            backend=self.backend,
+        )
+        return CausalLMOutput(loss)
 
     def setup_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """(Re)allocate the static KV cache for ``batch_size`` sequences of up to ``max_len`` tokens."""

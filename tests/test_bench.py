@@ -22,6 +22,8 @@ from gpt2fast.ops.specs.decode_attention import seqlens_of
 CPU = torch.device("cpu")
 TINY = GPT2Config.from_name("tiny")
 BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention")
+#: The training ops whose benchmark sweeps have target shapes too.
+TRAINING_OPS = ("linear_cross_entropy",)
 
 
 def bench(*argv: str) -> int:
@@ -99,7 +101,7 @@ def test_sweeps():
     quick = kernels.cases("quick")
     flags = [c.target for c in quick]
     assert any(flags) and flags == sorted(flags, reverse=True)  # target cases first
-    assert {c.op for c in quick if c.target} == set(BUILTIN_OPS)
+    assert {c.op for c in quick if c.target} == set(BUILTIN_OPS + TRAINING_OPS)
     assert {c.op for c in kernels.cases("cpu")} == {s.name for s in ops.specs()}
     assert {c.op for c in kernels.cases("cpu", ["attention"])} == {"attention"}
     full = kernels.cases("full")

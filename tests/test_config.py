@@ -45,6 +45,21 @@ def test_round_trip_through_transformers_config(tmp_path):
     assert GPT2Config.from_json(tmp_path / "config.json").mlp_dim == 80
 
 
+def test_dropout_fields_follow_transformers():
+    """Names and defaults as transformers' GPT2Config; read from and written to config.json."""
+    hf_default = transformers.GPT2Config()
+    c = GPT2Config()
+    assert (c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) == (
+        hf_default.embd_pdrop,
+        hf_default.resid_pdrop,
+        hf_default.attn_pdrop,
+    )
+    c = GPT2Config(n_embd=48, n_head=3, n_layer=1, embd_pdrop=0.0, resid_pdrop=0.25, attn_pdrop=0.5)
+    hf = transformers.GPT2Config(**c.to_hf_dict())
+    assert (hf.embd_pdrop, hf.resid_pdrop, hf.attn_pdrop) == (0.0, 0.25, 0.5)
+    assert GPT2Config.from_hf(hf) == c
+
+
 def test_from_hf_defaults_inner_width():
     c = GPT2Config.from_hf(transformers.GPT2Config(n_embd=64, n_head=4, n_layer=1))
     assert c.n_inner is None and c.mlp_dim == 256
@@ -57,6 +72,9 @@ def test_from_hf_defaults_inner_width():
         (dict(vocab_size=0), "vocab_size"),
         (dict(n_layer=-1), "n_layer"),
         (dict(n_embd=76.8), "n_embd"),
+        (dict(attn_pdrop=1.5), r"attn_pdrop must be a probability in \[0, 1\], got 1\.5"),
+        (dict(embd_pdrop=-0.1), "embd_pdrop"),
+        (dict(resid_pdrop=True), "resid_pdrop"),
     ],
 )
 def test_bad_values(kwargs, match):

@@ -23,11 +23,12 @@ TINY_CONFIGS = {
 }
 
 
-def hf_model(name: str = "h3_v101", seed: int = 0, **overrides):
-    """A transformers GPT2LMHeadModel (eager attention, fp32) whose every parameter is random,
-    including biases and LayerNorm weights, so a mis-mapped tensor cannot go unnoticed."""
-    kw = dict(TINY_CONFIGS[name], bos_token_id=0, eos_token_id=0, **overrides)
-    cfg = transformers.GPT2Config(**kw, attn_implementation="eager")
+def hf_model(name: str | dict = "h3_v101", seed: int = 0, attn_implementation: str = "eager", **overrides):
+    """A transformers GPT2LMHeadModel (fp32, eager attention by default) of a ``TINY_CONFIGS`` name or a config
+    dict, whose every parameter is random, including biases and LayerNorm weights, so a mis-mapped tensor cannot
+    go unnoticed."""
+    kw = dict(TINY_CONFIGS[name] if isinstance(name, str) else name, bos_token_id=0, eos_token_id=0, **overrides)
+    cfg = transformers.GPT2Config(**kw, attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():

@@ -2,7 +2,8 @@
 
 Kernel documents give one table per op (a row per shape and dtype, a column per
 provider: median time, the op's figure of merit and the parity verdict); e2e
-documents give one table of prefill/decode figures per provider.
+documents give one table of prefill/decode figures per provider; train documents, one row per training-step or
+component record (``gpt2fast.bench.train.markdown``).
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ def _header(doc: dict) -> str:
 
 def markdown(doc: dict) -> str:
     """Markdown summary of any results document."""
+    if doc["kind"] == "train":
+        from gpt2fast.bench.train import markdown as train_markdown
+
+        return train_markdown(doc)
     return kernels_markdown(doc) if doc["kind"] == "kernels" else e2e_markdown(doc)
 
 

@@ -1,6 +1,6 @@
 """The results document: run metadata, schema version, validation and writing.
 
-One JSON document per run (``kind`` is ``"kernels"`` or ``"e2e"``)::
+One JSON document per run (``kind`` is ``"kernels"``, ``"e2e"`` or ``"train"``)::
 
     {"schema": "gpt2fast.bench", "schema_version": 1, "kind": "kernels",
      "meta": {...run metadata...}, "peaks": {...measured peaks...}, "records": [...]}
@@ -61,6 +61,22 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
         "launches_per_step",
         "speedup",
     ),
+    "train": (  # gpt2fast/bench/train.py: "step" records (a training step) and its component records
+        "case",
+        "provider",
+        "size",
+        "shape",
+        "autocast",
+        "dropout",
+        "error",
+        "time",
+        "step_ms",
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "loss",
+        "ratios",
+        "ops_dispatched",
+    ),
 }
 
 TIME_FIELDS = ("median_ms", "p20_ms", "p80_ms", "timer")
@@ -119,7 +135,7 @@ def run_metadata(device: torch.device) -> dict:
 
 
 def new_document(kind: str, meta: dict, peaks: dict | None) -> dict:
-    """An empty results document of ``kind`` ("kernels" or "e2e")."""
+    """An empty results document of ``kind`` ("kernels", "e2e" or "train")."""
     if kind not in RECORD_FIELDS:
         raise ValueError(f"kind must be one of {sorted(RECORD_FIELDS)}, got {kind!r}")
     return {

@@ -1,4 +1,4 @@
-"""``gpt2fast bench kernels`` and ``gpt2fast bench e2e``: argument parsing and handlers.
+"""``gpt2fast bench kernels``, ``gpt2fast bench e2e`` and ``gpt2fast bench train``: argument parsing and handlers.
 
 The benchmarks themselves are the library :mod:`gpt2fast.bench`.  Every handler returns an exit code (0 ok,
 1 a provider produced a wrong result or nothing ran); bad arguments raise :class:`UsageError` (exit 2).
@@ -51,10 +51,25 @@ def _bench(module: str) -> ModuleType:
         raise UsageError(f"bench is unavailable: cannot import {name} ({type(exc).__name__}: {exc})") from None
 
 
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """``--shape 8x1024,32x512`` -> ((8, 1024), (32, 512))."""
+    out = []
+    for item in _csv(str, "--shape")(text):
+        b, _, t = item.lower().partition("x")
+        if not (b.isdigit() and t.isdigit()):
+            raise argparse.ArgumentTypeError(f"--shape values must be BxT (e.g. 8x1024), got {item!r}")
+        out.append((int(b), int(t)))
+    return tuple(out)
+
+
+#: ``--autocast`` names: none, or a lower-precision dtype.
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def add_parser(subparsers: Subparsers) -> None:
-    """Add ``bench`` with its ``kernels`` and ``e2e`` subcommands to the ``gpt2fast`` subparsers."""
-    bench = subparsers.add_parser("bench", help="kernel and end-to-end benchmarks (JSON, plots, tables)")
-    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e}", required=True)
+    """Add ``bench`` with its ``kernels``, ``e2e`` and ``train`` subcommands to the ``gpt2fast`` subparsers."""
+    bench = subparsers.add_parser("bench", help="kernel, end-to-end and training benchmarks (JSON, plots, tables)")
+    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e,train}", required=True)
 
     k = sub.add_parser("kernels", help="time every op on every backend against torch / torch.compile / SDPA")
     k.add_argument("--op", type=_csv(str, "--op"), default=None, help="registered ops, comma-separated (default all)")
@@ -86,6 +101,22 @@ def add_parser(subparsers: Subparsers) -> None:
     e.add_argument("--json", type=Path, help="write the results document here")
     e.add_argument("--markdown", type=Path, help="write the markdown summary here")
     e.set_defaults(func=run_e2e)
+
+    t = sub.add_parser("train", help="training step (forward+backward+AdamW): gpt2fast vs transformers")
+    t.add_argument("--size", type=_csv(str, "--size"), default=None, help="default gpt2,gpt2-medium (tiny on CPU)")
+    t.add_argument("--shape", type=_shapes, default=None, help="BxT list (default 8x1024,32x512; 2x8 on CPU)")
+    t.add_argument("--autocast", choices=list(AUTOCAST), default=None, help="default bf16 on CUDA, none on CPU")
+    t.add_argument("--dropout", type=float, default=0.0, help="every dropout probability, all providers (0)")
+    t.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 on CPU)")
+    t.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 3; 1 on CPU)")
+    t.add_argument("--provider", type=_csv(str, "--provider"), default=None, help="only these step providers")
+    t.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; aot_eager on CPU)")
+    t.add_argument("--components", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the loss head (fused vs full logits) and attention backward")  # fmt: skip
+    t.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    t.add_argument("--json", type=Path, help="write the results document here")
+    t.add_argument("--markdown", type=Path, help="write the markdown summary here")
+    t.set_defaults(func=run_train)
 
 
 def _log(msg: str) -> None:
@@ -192,13 +223,55 @@ def run_e2e(args: argparse.Namespace) -> int:
     return 0 if any(r["error"] is None for r in doc["records"]) else 1
 
 
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``bench train``: time training steps and their components, write JSON/markdown, print a table."""
+    from gpt2fast.config import GPT2Config
+
+    train, results = _bench("train"), _bench("results")
+    device = resolve_device(args.device)
+    cpu = device.type != "cuda"
+    sizes = args.size or (("tiny",) if cpu else ("gpt2", "gpt2-medium"))
+    for s in sizes:
+        GPT2Config.from_name(s)  # ValueError naming the unknown size
+    autocast = AUTOCAST[args.autocast or ("none" if cpu else "bf16")]
+    opts = train.Options(
+        sizes=tuple(sizes),
+        shapes=args.shape or (((2, 8),) if cpu else ((8, 1024), (32, 512))),
+        autocast=autocast,
+        dropout=args.dropout,
+        steps=args.steps or (2 if cpu else 10),
+        warmup=(1 if cpu else 3) if args.warmup is None else args.warmup,
+        compile_backend=args.compile_backend,
+        providers=args.provider,
+        components=args.components,
+        log=_log,
+    )
+    if cpu:  # seconds, not minutes: tiny loss-head and attention cases in fp32
+        opts.loss_cases, opts.attention_cases, opts.component_dtype = ((64, 1000),), ((2, 32, 32),), torch.float32
+    opts.validate()
+    doc = results.new_document("train", results.run_metadata(device), None)
+    for rec in train.iter_records(device, opts):
+        doc["records"].append(rec)
+        if args.json:  # a time-boxed run keeps what it measured
+            results.write_json(doc, args.json)
+    _finish(doc, args)
+    _print_table(doc)
+    return 0 if any(r["error"] is None for r in doc["records"]) else 1
+
+
 def _print_table(doc: dict) -> None:
     """A rich table of the main figures (plain text when stdout is not a terminal)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"gpt2fast bench {doc['kind']} on {doc['meta']['device_name']}")
-    if doc["kind"] == "kernels":
+    if doc["kind"] == "train":
+        cols, rows = _bench("train").table_rows(doc)
+        for c in cols:
+            table.add_column(c)
+        for row in rows:
+            table.add_row(*row)
+    elif doc["kind"] == "kernels":
         cols = ["op", "shape", "dtype", "provider", "median ms", "GB/s", "TFLOP/s", "% copy bw", "check"]
         for c in cols:
             table.add_column(c)

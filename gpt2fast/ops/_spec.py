@@ -129,6 +129,7 @@ class OpSpec:
     make_inputs: Callable[[dict, torch.dtype, torch.device, torch.Generator], Inputs]
     test_shapes: tuple[dict, ...]  # small and odd on purpose (they also run under Triton's interpreter)
     gpu_shapes: tuple[dict, ...] = ()  # larger ones, run only on a GPU
+    grad_args: tuple[str, ...] = ()  # the arguments gradients flow to (differentiable implementations back-propagate)
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     mutates: tuple[str, ...] = ()  # arguments written in place (compared with the reference's after the call)
     views: tuple[View, ...] = ()  # op-specific layouts, besides the generic ones of gpt2fast.testing
@@ -145,7 +146,7 @@ class OpSpec:
     @classmethod
     def from_module(cls, module_name: str) -> OpSpec:
         """The spec an op module declares by convention: the public function named like the module, ``ARGS``,
-        ``reference``, ``make_inputs``, ``TEST_SHAPES``, and, when present, ``GPU_SHAPES``, ``DTYPES``,
+        ``reference``, ``make_inputs``, ``TEST_SHAPES``, and, when present, ``GRAD_ARGS``, ``GPU_SHAPES``, ``DTYPES``,
         ``MUTATES``, ``VIEWS``, ``BAD_INPUTS``, ``EDGE_INPUTS``, ``invariants``, ``shape_strategy``,
         ``bench_cases``, ``traffic``, ``check_inputs``, ``check_outputs`` and ``baselines``."""
         mod = sys.modules[module_name]
@@ -165,6 +166,7 @@ class OpSpec:
 #: OpSpec field -> the module-level name :meth:`OpSpec.from_module` reads it from.
 _MODULE_FIELDS = {
     "args": "ARGS",
+    "grad_args": "GRAD_ARGS",
     "reference": "reference",
     "make_inputs": "make_inputs",
     "test_shapes": "TEST_SHAPES",

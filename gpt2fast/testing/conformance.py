@@ -152,7 +152,7 @@ def check_determinism(spec: OpSpec, backend: str | None, inputs: Inputs, runs: i
     """``runs`` calls on copies of the same inputs give bit-identical outputs and writes."""
 
     def bits(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.contiguous().view(torch.uint8) for t in ts]
+        return [t.contiguous().reshape(-1).view(torch.uint8) for t in ts]  # 0-D outputs (a loss) too
 
     def once() -> list[torch.Tensor]:
         out, ins = run_backend(spec, backend, inputs)
