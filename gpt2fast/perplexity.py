@@ -27,8 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gpt2fast._loss_shim import lm_loss
-
 
 @dataclass
 class PerplexityResult:
@@ -108,7 +106,7 @@ def sliding_window_perplexity(
             window = ids[begin:end].to(device)[None]  # [1, L]
             labels = window.clone()
             labels[:, : window.shape[1] - targets] = -100
-            loss = float(lm_loss(model, window, labels))
+            loss = float(model(window, labels=labels).loss)
             weight = int((labels != -100).sum()) - 1  # the recipe's correction for the label shift
             weighted += loss * weight
             count += weight

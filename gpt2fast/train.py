@@ -47,7 +47,6 @@ import numpy as np
 import torch
 
 from gpt2fast import data as datalib
-from gpt2fast._loss_shim import lm_loss
 from gpt2fast.config import GPT2Config
 
 #: Autocast dtypes by their command-line name ("fp32": autocast off).
@@ -101,6 +100,7 @@ class TrainConfig:
     n_head: int | None = None
     n_embd: int | None = None
     n_positions: int | None = None
+    dropout: float | None = None  # embd/resid/attn_pdrop of the model (default: the config's, transformers' 0.1)
     block_size: int | None = None  # default: the model's n_positions
     batch_size: int = 8
     micro_batch_size: int | None = None
@@ -169,6 +169,8 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> None:
         check_int("--checkpoint-interval", cfg.checkpoint_interval, 1)
     if cfg.stop_at is not None:
         check_int("--stop-at", cfg.stop_at, 1, cfg.steps + 1)
+    if cfg.dropout is not None and (not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1):
+        raise ValueError(f"--dropout must lie in [0, 1), got {cfg.dropout!r}")
     if cfg.warmup > cfg.steps:
         raise ValueError(f"--warmup ({cfg.warmup}) must not exceed --steps ({cfg.steps})")
     positive("lr")
@@ -431,27 +433,36 @@ def plot_loss_curve(records: list[dict], path: Path, title: str) -> Path | None:
 
 # ---- the run -------------------------------------------------------------------------------------------------
 def _model_config(cfg: TrainConfig, ckpt: Path | None) -> GPT2Config:
-    """The model's shape: the --init checkpoint's, the --size (with overrides), or the resumed checkpoint's."""
+    """The model's shape and dropout: the --init checkpoint's, the --size (with overrides), or the resumed
+    checkpoint's; ``--dropout`` sets all three dropout probabilities."""
     if cfg.init is not None:
         if not Path(cfg.init).is_dir():
             raise FileNotFoundError(f"--init {cfg.init}: no such checkpoint folder")
-        return GPT2Config.from_json(cfg.init)
-    if cfg.size is None:
-        return GPT2Config.from_json(ckpt)
-    base = dataclasses.asdict(GPT2Config.from_name(cfg.size))
-    base.update({n: getattr(cfg, n) for n in ("n_layer", "n_head", "n_embd", "n_positions") if getattr(cfg, n)})
-    return GPT2Config(**base)
+        config = GPT2Config.from_json(cfg.init)
+    elif cfg.size is None:
+        config = GPT2Config.from_json(ckpt)
+    else:
+        config = GPT2Config.from_name(cfg.size)
+        shape = {n: getattr(cfg, n) for n in ("n_layer", "n_head", "n_embd", "n_positions") if getattr(cfg, n)}
+        config = dataclasses.replace(config, **shape)
+    if cfg.dropout is not None:
+        config = dataclasses.replace(config, embd_pdrop=cfg.dropout, resid_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
+    return config
 
 
 def _build_model(cfg: TrainConfig, config: GPT2Config, ckpt: Path | None, device: torch.device):
+    """fp32, trainable, in train() mode: the checkpoint's weights (resume, then --init) or GPT-2's initialisation,
+    in a model built from ``config`` (so --dropout applies to loaded weights too)."""
     from gpt2fast.model import GPT2
 
-    if ckpt is not None:
-        model = GPT2.from_pretrained(ckpt, dtype=torch.float32, device=device, quiet=True)
-    elif cfg.init is not None:
-        model = GPT2.from_pretrained(cfg.init, dtype=torch.float32, device=device, quiet=True)
-    else:
+    source = ckpt if ckpt is not None else cfg.init
+    if source is None:
         model = GPT2.random(config, seed=cfg.seed, dtype=torch.float32, device=device)
+    else:
+        loaded = GPT2.from_pretrained(source, dtype=torch.float32, device=device, quiet=True)
+        with torch.device("meta"):
+            model = GPT2(config)
+        model.load_state_dict(loaded.state_dict(), assign=True)
     model.backend = cfg.backend
     return model.requires_grad_(True).train()
 
@@ -493,7 +504,7 @@ def evaluate(
     for i in range(0, len(mine), micro_batch_size):
         ids = datalib.gather_windows(tokens, mine[i : i + micro_batch_size], block_size).to(dist.device)
         with _autocast(dist.device, amp):
-            total += float(lm_loss(model, ids, ids)) * len(ids)
+            total += float(model(ids, labels=ids).loss) * len(ids)
     model.train(was_training)
     loss_sum, count = dist.sum([total, float(len(mine))])
     return loss_sum / count
@@ -551,7 +562,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
         _set_rng_state(state["rng"][dist.rank % len(state["rng"])])
         start, best, bad_evals = state["step"], state["best_val_loss"], state["bad_evals"]
     else:
-        torch.manual_seed(cfg.seed)  # dropout and anything else random: same stream on every run of this config
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # dropout: a stream per rank, the same every run
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
     train_model = model
@@ -616,7 +627,7 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None) -> Tr
                     sync = train_model.no_sync()
                 with sync:
                     with _autocast(dist.device, amp):
-                        loss = lm_loss(train_model, ids, ids) / accum
+                        loss = train_model(ids, labels=ids).loss / accum
                     scaler.scale(loss).backward()
                 loss_sum += float(loss.detach())
             scaler.unscale_(optimizer)

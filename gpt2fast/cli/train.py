@@ -48,6 +48,7 @@ def add_parser(sub: Subparsers) -> None:
     src.add_argument("--init", metavar="DIR", help="fine-tune this HF-format checkpoint")
     for name in ("n-layer", "n-head", "n-embd", "n-positions"):
         m.add_argument(f"--{name}", type=int, help=f"override the size's {name.replace('-', '_')}")
+    m.add_argument("--dropout", type=float, help="embd/resid/attn dropout (default: the model config's, 0.1)")
     m.add_argument("--backend", default=None, help="op backend: auto (default) or a registered one with backward")
     o = p.add_argument_group("optimisation")
     o.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's n_positions)")
