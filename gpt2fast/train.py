@@ -69,7 +69,7 @@ RUN_FIELDS = (
 )
 
 #: The ops a training forward calls (decode attention is inference-only).
-TRAINING_OPS = ("layer_norm", "attention", "bias_gelu")
+TRAINING_OPS = ("layer_norm", "attention", "bias_gelu", "linear_cross_entropy")
 
 CHECKPOINTS, STATE_FILE, RUN_FILE = "checkpoints", "training_state.pt", "run.json"
 LOG_FILE, CURVE_FILE, SUMMARY_FILE = "train_log.jsonl", "loss_curve.png", "train_summary.json"
@@ -234,7 +234,11 @@ def check_training_backend(backend: str | None, config: GPT2Config) -> None:
     if backend is None or backend == ops.AUTO:
         return
     for op in TRAINING_OPS:
-        if not get_impl(op, backend).differentiable:
+        try:
+            impl = get_impl(op, backend)
+        except (ValueError, ops.BackendUnavailableError) as exc:
+            raise ValueError(f"--backend {backend} cannot train: {exc}") from None
+        if not impl.differentiable:
             raise ValueError(
                 f"--backend {backend} has no backward for {op!r}, so it cannot train; use auto or a backend "
                 "that registers one (gpt2fast info)"

@@ -240,6 +240,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         (dict(size=None, init="somewhere"), ValueError, "--n-layer changes the model's shape"),
         (dict(block_size=64), ValueError, "--block-size 64 exceeds the model's n_positions=32"),
         (dict(backend="no-such-backend"), ValueError, "unknown backend 'no-such-backend'"),
+        (dict(backend="cuda"), ValueError, "backend '?cuda'? (cannot run this model|has no backward|cannot train)"),
     ],
 )
 def test_bad_hyperparameters_fail_before_any_work(tmp_path, change, error, match):
