@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-triton36 lint docs demo gpu-check clean
+.PHONY: venv test test-triton36 test-ray lint docs demo gpu-check clean
 
 # A venv that sees the system's packages, so a GPU machine keeps its own torch.
 # Without torch, install the CPU build 2.13.0 (a bare `torch` would pull a multi-GB CUDA build).
@@ -11,7 +11,7 @@ $(BIN)/activate:
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev,triton,hf,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,triton,hf,bench,serve]"
 
 venv: $(BIN)/activate
 
@@ -41,6 +41,15 @@ test-triton36: venv $(TRITON36)/triton
 	PYTHONPATH=$(TRITON36) $(BIN)/python -m pytest -q tests/test_ops_conformance.py -k triton
 	PYTHONPATH=$(TRITON36) $(BIN)/python benchmarks/compile_check.py --json out/compile_check_triton36.json
 
+# The Ray Serve deployment on a local Ray cluster on loopback (opt-in: Ray is ~350 MB with its dependencies, so it
+# is installed beside the venv, not into it, and CI does not run this).
+RAYDIR ?= .ray
+$(RAYDIR)/ray:
+	$(BIN)/python -m pip install -q --target $(RAYDIR) "ray[serve]>=2.9"
+
+test-ray: venv $(RAYDIR)/ray
+	PYTHONPATH=$(RAYDIR) $(BIN)/python -m pytest -q tests/test_serve_ray.py
+
 # Regenerate docs/bad_inputs.md from the op specs and the runtime catalogue (a test fails when it is stale).
 docs: venv
 	GPT2FAST_UPDATE_DOCS=1 $(BIN)/python -m pytest -q tests/test_bad_input_catalogue.py -k doc_is_current
@@ -54,4 +63,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh out/gpu
 
 clean:
-	rm -rf $(VENV) $(TRITON36) build out *.egg-info gpt2fast/_C*.so
+	rm -rf $(VENV) $(TRITON36) $(RAYDIR) build out *.egg-info gpt2fast/_C*.so

@@ -13,7 +13,8 @@ How it works
   token: a call is a copy into the input buffer, one ``graph.replay()`` and a copy out of the output.
 * Warm-up (Triton JIT, cuBLAS workspaces) runs on the capture stream, a side stream, before capture;
   everything it mutates (cache lengths, history, flags, RNG state) is restored afterwards, so the warm-up
-  leaves no trace.
+  leaves no trace.  A state with ``reorders_cache = True`` (beam search, :mod:`gpt2fast.beam`, whose step
+  moves cache rows with the ``reorder_cache`` op) also gets the cache's live prefixes restored.
 * Sampling: the default CUDA generator is handled by ``torch.cuda.graph``; a user ``torch.Generator``
   is registered with the graph (``CUDAGraph.register_generator_state``), so each replay advances it
   exactly as the eager step would and seeded sampling gives the eager path's tokens.  On a torch
@@ -111,6 +112,11 @@ class _Snapshot:
         self.cache = model.cache
         self.host_max = model.cache.host_max
         self.targets = [model.cache.seqlens, *state_tensors(state).values()]
+        if getattr(state, "reorders_cache", False):
+            # a beam-search step copies live prefixes between cache rows: keep every position a warm-up step can
+            # touch (the prefixes and the slot each step appends), not the whole cache
+            end = min(model.cache.max_len, model.cache.host_max + WARMUP_STEPS)
+            self.targets += [model.cache.k[..., :end, :], model.cache.v[..., :end, :]]
         self.values = [t.clone() for t in self.targets]
         self.generator = getattr(state, "generator", None)
         self.device = model.cache.seqlens.device

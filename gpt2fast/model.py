@@ -151,6 +151,15 @@ class CausalSelfAttention(nn.Module):
             y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, H, D] -> [B, T, C]
         return dropout(self.c_proj(y), self.resid_pdrop, self.training)
 
+    def forward_chunk(self, x: torch.Tensor, cache: LayerKV) -> torch.Tensor:
+        """Chunked prefill: ``x [B, T, C]`` are the next ``T`` tokens of each sequence.  Their k/v are appended to
+        ``cache`` at ``cache.seqlens[b]`` and each attends to the cached prefix and causally to the chunk."""
+        B, T, C = x.shape
+        H = self.n_head
+        q, k, v = (t.transpose(1, 2) for t in self.c_attn(x).view(B, T, 3, H, C // H).unbind(2))  # [B, H, T, D]
+        y = ops.chunk_attention(q, cache.k, cache.v, cache.seqlens, k, v, backend=self.backend, check_seqlens=False)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
 
 class MLP(nn.Module):
     """c_fc, fused bias+GELU (tanh), c_proj."""
@@ -186,6 +195,14 @@ class Block(nn.Module):
         """``(x, residual)`` ``[B, T, C]`` each to the next block's pair; ``cache``: this layer's view."""
         y, residual = self.ln_1(x, residual)
         y, residual = self.ln_2(self.attn(y, cache), residual)
+        return self.mlp(y), residual
+
+    def forward_chunk(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cache: LayerKV
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` for a prefill chunk appended to ``cache`` (see :meth:`CausalSelfAttention.forward_chunk`)."""
+        y, residual = self.ln_1(x, residual)
+        y, residual = self.ln_2(self.attn.forward_chunk(y, cache), residual)
         return self.mlp(y), residual
 
 
@@ -324,6 +341,32 @@ class GPT2(nn.Module):
         cache.seqlens += 1
         cache.host_max += 1
         return F.linear(y[:, 0], self.wte.weight)
+
+    @torch.no_grad()
+    def prefill_chunk(self, input_ids: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Append the next ``T`` prompt tokens ``input_ids [B, T]`` of every sequence of ``cache`` (all ``start``
+        tokens long) and return the logits ``[B, V]`` at each chunk's last token; the lengths become ``start + T``.
+
+        For chunked prefill into chosen cache rows (``cache`` may hold views of some rows of a bigger cache, as
+        ``gpt2fast.serve`` does).  ``start == 0`` is :meth:`prefill`'s computation; a later chunk attends to the
+        cached prefix through ``ops.chunk_attention``.  The ids are not range-checked (no device read-back):
+        the caller checks them once per prompt.
+        """
+        T = input_ids.shape[1]
+        if not 0 <= start <= cache.max_len - T:
+            raise ValueError(f"a chunk of {T} tokens at position {start} does not fit the cache's {cache.max_len}")
+        pos = torch.arange(start, start + T, device=input_ids.device)  # [T]
+        if start == 0:
+            cache.seqlens.zero_()  # (a 1-token prompt is appended at position 0, as in prefill)
+            y = self._hidden(input_ids, pos, cache)  # [B, T, C]: causal attention, k/v written from position 0
+        else:
+            x, residual = self.wte(input_ids) + self.wpe(pos), None
+            for i, block in enumerate(self.h):
+                x, residual = block.forward_chunk(x, residual, cache.layer(i))
+            y, _ = self.ln_f(x, residual)
+        cache.seqlens.fill_(start + T)
+        cache.host_max = max(cache.host_max, start + T)
+        return F.linear(y[:, -1], self.wte.weight)
 
     # ---- loading, saving, generation (the logic lives in loading.py / generation.py) ----
     @classmethod

@@ -21,7 +21,7 @@ from gpt2fast.ops.specs.decode_attention import seqlens_of
 
 CPU = torch.device("cpu")
 TINY = GPT2Config.from_name("tiny")
-BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention")
+BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention", "reorder_cache")
 #: The training ops whose benchmark sweeps have target shapes too.
 TRAINING_OPS = ("linear_cross_entropy",)
 
@@ -205,7 +205,8 @@ def test_kernels_json_is_schema_valid_and_figures_follow_the_counts(kernels_doc)
     assert any(r["op"] == "attention" and r["tflops"] for r in recs)
     own = [r for r in recs if r["provider"] == "gpt2fast:reference"]
     assert all(
-        set(r["speedup"]) == ({"torch"} if r["op"] in ("layer_norm", "bias_gelu") else {"torch.sdpa"}) for r in own
+        set(r["speedup"]) == ({"torch"} if r["op"] in ("layer_norm", "bias_gelu", "reorder_cache") else {"torch.sdpa"})
+        for r in own
     )
 
 

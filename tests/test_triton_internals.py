@@ -272,7 +272,8 @@ def test_every_custom_op_is_opchecked():
         for n in dir(torch.ops.gpt2fast_triton)
         if isinstance(getattr(torch.ops.gpt2fast_triton, n), torch._ops.OpOverloadPacket)
     }
-    assert namespace == {"layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention"}
+    assert namespace == {"layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention", "reorder_cache"}
+    # (reorder_cache's opcheck is in tests/test_reorder_cache.py)
 
 
 # ---- supports: what the kernels cannot take, decided on metadata (meta tensors carry strides, no memory) ------
@@ -446,7 +447,7 @@ def test_compile_check_finds_the_kernels_through_the_registry(monkeypatch):
     triton_ops = [r.op for r in ops.implementations() if r.backend == "triton"]
     assert names == [f"gpt2fast.ops.triton.{op}" for op in triton_ops]
     kernels = {c.kernel for c in cc.cases(False, 90)}
-    assert kernels == {"attention", "bias_gelu", "decode_split", "decode_combine", "layer_norm"}
+    assert kernels == {"attention", "bias_gelu", "decode_split", "decode_combine", "layer_norm", "reorder_cache"}
     monkeypatch.delitem(_registry._impls, ("bias_gelu", "triton"))  # an op the backend no longer implements ...
     assert "gpt2fast.ops.triton.bias_gelu" not in [m.__name__ for m in cc.kernel_modules()]  # ... is not compiled
 
@@ -508,6 +509,7 @@ GPT2_SMALL = {
     "bias_gelu": dict(rows=512, n=3072),
     "attention": dict(batch=2, heads=12, seq=300, head_dim=64),
     "decode_attention": dict(batch=4, heads=12, t_max=1024, head_dim=64, seqlens=(0, 1, 700, 1023), append=True),
+    "reorder_cache": dict(layers=12, groups=4, beams=4, heads=12, t_max=1024, head_dim=64, seqlens=(1, 30, 700, 1024)),
 }
 
 

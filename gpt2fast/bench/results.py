@@ -1,6 +1,6 @@
 """The results document: run metadata, schema version, validation and writing.
 
-One JSON document per run (``kind`` is ``"kernels"``, ``"e2e"`` or ``"train"``)::
+One JSON document per run (``kind`` is ``"kernels"``, ``"e2e"``, ``"train"`` or ``"serve"``)::
 
     {"schema": "gpt2fast.bench", "schema_version": 1, "kind": "kernels",
      "meta": {...run metadata...}, "peaks": {...measured peaks...}, "records": [...]}
@@ -77,6 +77,8 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
         "ratios",
         "ops_dispatched",
     ),
+    # gpt2fast.bench.serve: one record per engine and concurrency level (a failed engine: concurrency null)
+    "serve": ("engine", "concurrency", "error"),
 }
 
 TIME_FIELDS = ("median_ms", "p20_ms", "p80_ms", "timer")

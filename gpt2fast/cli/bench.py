@@ -1,4 +1,4 @@
-"""``gpt2fast bench kernels``, ``gpt2fast bench e2e`` and ``gpt2fast bench train``: argument parsing and handlers.
+"""``gpt2fast bench kernels``, ``e2e``, ``train`` and ``serve`` (its parser: gpt2fast.bench.serve): handlers.
 
 The benchmarks themselves are the library :mod:`gpt2fast.bench`.  Every handler returns an exit code (0 ok,
 1 a provider produced a wrong result or nothing ran); bad arguments raise :class:`UsageError` (exit 2).
@@ -67,9 +67,9 @@ AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_parser(subparsers: Subparsers) -> None:
-    """Add ``bench`` with its ``kernels``, ``e2e`` and ``train`` subcommands to the ``gpt2fast`` subparsers."""
+    """Add ``bench`` with its ``kernels``, ``e2e``, ``train`` and ``serve`` subcommands to the subparsers."""
     bench = subparsers.add_parser("bench", help="kernel, end-to-end and training benchmarks (JSON, plots, tables)")
-    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e,train}", required=True)
+    sub = bench.add_subparsers(dest="bench_command", metavar="{kernels,e2e,train,serve}", required=True)
 
     k = sub.add_parser("kernels", help="time every op on every backend against torch / torch.compile / SDPA")
     k.add_argument("--op", type=_csv(str, "--op"), default=None, help="registered ops, comma-separated (default all)")
@@ -117,6 +117,10 @@ def add_parser(subparsers: Subparsers) -> None:
     t.add_argument("--json", type=Path, help="write the results document here")
     t.add_argument("--markdown", type=Path, help="write the markdown summary here")
     t.set_defaults(func=run_train)
+
+    from gpt2fast.bench import serve  # its parser and handler live with the benchmark (stdlib imports only)
+
+    serve.add_parser(sub)
 
 
 def _log(msg: str) -> None:

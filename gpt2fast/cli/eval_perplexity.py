@@ -3,8 +3,7 @@ backend and dtype or (``--compare-backends``) on every available backend and dty
 The computation is the library :mod:`gpt2fast.perplexity`.
 
 :func:`add_perplexity_parser` adds the ``perplexity`` subcommand to the ``eval`` command's subparsers (built by
-``gpt2fast/cli/eval.py``); :func:`add_parser` builds an ``eval`` command holding only ``perplexity``, for a build
-without ``cli/eval.py``.
+``gpt2fast/cli/eval.py``, which lists it in its ``SUBCOMMANDS``).
 """
 
 from __future__ import annotations
@@ -206,9 +205,3 @@ def add_perplexity_parser(eval_sub: Subparsers) -> None:
     p.add_argument("--unigram", metavar="PATH", help="also report the add-one unigram perplexity of this text")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.set_defaults(func=run)
-
-
-def add_parser(sub: Subparsers) -> None:
-    """Add an ``eval`` command holding only ``perplexity`` (used until ``gpt2fast/cli/eval.py`` wires it in)."""
-    ev = sub.add_parser("eval", help="evaluate a model: perplexity")
-    add_perplexity_parser(ev.add_subparsers(dest="eval_command", metavar="{perplexity}", required=True))

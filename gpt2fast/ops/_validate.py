@@ -76,3 +76,36 @@ def has_internal_overlap(t: torch.Tensor) -> bool:
             return True
         span = stride * size
     return False
+
+
+# ---- KV caches (decode_attention, chunk_attention) --------------------------------------------------------------
+def check_writable_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, why: str) -> None:
+    """Neither cache has overlapping memory (an ``expand()``-ed view): ``why`` says what writes it in place."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if has_internal_overlap(cache):
+            raise ValueError(
+                f"{name} has overlapping strides {tuple(cache.stride())} for shape {fmt(cache.shape)} (e.g. an "
+                f"expand()-ed view); {why}, so pass a tensor with distinct memory per element"
+            )
+
+
+def check_cache_seqlens(cache_seqlens: object, batch: int, q: torch.Tensor) -> None:
+    """``cache_seqlens`` is an int32 tensor ``[batch]`` on ``q``'s device (its values are not read)."""
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int32 torch.Tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    check_shape("cache_seqlens", cache_seqlens, (batch,))
+    if cache_seqlens.device != q.device:
+        raise RuntimeError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+
+
+def longest_seqlen(cache_seqlens: torch.Tensor, check: bool) -> int | None:
+    """The largest of ``cache_seqlens`` after refusing a negative one (a device read-back), or None when ``check``
+    is False or a CUDA graph is being captured (the caller owns the values then)."""
+    if not check or (cache_seqlens.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return None
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < 0:
+        raise ValueError(f"cache_seqlens has a negative length ({lo})")
+    return hi

@@ -68,27 +68,13 @@ def validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, check_seql
     if k_new is not None:
         v.check_shape("k_new", k_new, (b, h, d))
         v.check_shape("v_new", v_new, (b, h, d))
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if v.has_internal_overlap(cache):
-                raise ValueError(
-                    f"{name} has overlapping strides {tuple(cache.stride())} for shape {v.fmt(cache.shape)} (e.g. an "
-                    "expand()-ed view); appending k_new/v_new writes the cache in place, so pass a tensor with "
-                    "distinct memory per element"
-                )
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be an int32 torch.Tensor, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    v.check_shape("cache_seqlens", cache_seqlens, (b,))
-    if cache_seqlens.device != q.device:
-        raise RuntimeError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+        v.check_writable_caches(k_cache, v_cache, "appending k_new/v_new writes the cache in place")
+    v.check_cache_seqlens(cache_seqlens, b, q)
     v.check_scale(scale)
-    if not check_seqlens or (q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    hi = v.longest_seqlen(cache_seqlens, check_seqlens)
+    if hi is None:
         return
-    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
     limit = t_max - 1 if k_new is not None else t_max
-    if lo < 0:
-        raise ValueError(f"cache_seqlens has a negative length ({lo})")
     if hi > limit:
         what = "appending k_new/v_new would overflow the cache" if k_new is not None else "exceeds the cache"
         raise ValueError(f"cache_seqlens has length {hi}: {what} (T_max = {t_max})")
