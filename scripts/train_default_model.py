@@ -169,7 +169,14 @@ def prepare(work: Path) -> dict:
     return report
 
 
+def _rel(arg: str) -> str:
+    """``arg`` relative to the repository when it is a path inside it (the records then name no machine)."""
+    path = Path(arg)
+    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else arg
+
+
 def _gpt2fast(args: list[str]) -> None:
+    args = [_rel(a) for a in args]
     cmd = [sys.executable, "-m", "gpt2fast", *args]
     print("+ gpt2fast " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
