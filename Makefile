@@ -54,8 +54,10 @@ test-ray: venv $(RAYDIR)/ray
 docs: venv
 	GPT2FAST_UPDATE_DOCS=1 $(BIN)/python -m pytest -q tests/test_bad_input_catalogue.py -k doc_is_current
 
+# The shipped default model (a small GPT-2 trained on Shakespeare, gpt2fast/assets/default), then a benchmark.
 demo: venv
-	$(BIN)/gpt2fast generate --random gpt2 --prompt "The fastest GPT-2 kernels" --max-new-tokens 32
+	$(BIN)/gpt2fast generate --model default --prompt "ROMEO." --max-new-tokens 80 --do-sample --top-k 40 \
+		--temperature 0.8 --seed 1 --ignore-eos
 	$(BIN)/gpt2fast bench e2e --size gpt2 --batch 1 --prompt 32 --new 16
 
 # On a lent GPU machine (no network): the script builds the extension in place itself.

@@ -25,6 +25,10 @@ from gpt2fast.config import GPT2Config
 if TYPE_CHECKING:
     from gpt2fast.model import GPT2
 
+#: The name :func:`load_pretrained` (``GPT2.from_pretrained``) and every ``--model`` option read as the model shipped
+#: inside the package (a path that happens to be called "default" is spelled ``./default``).
+DEFAULT_MODEL = "default"
+
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _PREFIX = "transformer."
 _SAFETENSORS, _TORCH_BIN = "model.safetensors", "pytorch_model.bin"
@@ -32,6 +36,25 @@ _SAFETENSORS, _TORCH_BIN = "model.safetensors", "pytorch_model.bin"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: missing/unreadable files, or tensors that do not fit the model."""
+
+
+def default_model_dir() -> Path:
+    """Where the shipped default model lives: ``gpt2fast/assets/default`` (package data; see its README.md)."""
+    return Path(__file__).resolve().parent / "assets" / "default"
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path``, or for the name :data:`DEFAULT_MODEL` (a ``str``) the shipped model's folder; raises
+    :class:`CheckpointError` when the package was installed without it."""
+    if isinstance(path, str) and path == DEFAULT_MODEL:
+        directory = default_model_dir()
+        if not (directory / "config.json").is_file():
+            raise CheckpointError(
+                f"the default model is not installed ({directory} is missing); reinstall gpt2fast, or rebuild it "
+                "with scripts/train_default_model.py"
+            )
+        return directory
+    return Path(path)
 
 
 def _fmt(shape: Iterable[int]) -> str:
@@ -210,8 +233,9 @@ def load_pretrained(
     (preferred) or ``pytorch_model.bin``, or the path of one of those weight files.
 
     ``dtype=None`` keeps the checkpoint's dtype; ``device=None`` means CPU.  ``quiet`` hides the progress bar.
+    The name ``"default"`` loads the model shipped in the package (:func:`resolve_checkpoint`).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if path.is_dir():
         directory = path
         weights = next((path / f for f in (_SAFETENSORS, _TORCH_BIN) if (path / f).is_file()), None)

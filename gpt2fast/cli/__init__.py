@@ -1,5 +1,5 @@
-"""The ``gpt2fast`` command: ``generate``, ``eval``, ``info``, ``parity``, ``bench`` and ``serve``, one module per
-command.
+"""The ``gpt2fast`` command: ``generate``, ``eval``, ``info``, ``parity``, ``bench``, ``serve`` and ``train``, one
+module per command.
 
 Every command returns an exit status: 0 success, 1 a check failed (``parity``, ``bench kernels``) or the
 machine ran out of memory, 2 bad input (unknown size, missing model directory, invalid sampling settings, an
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gpt2fast.cli import bench, eval, generate, info, parity, serve
+from gpt2fast.cli import bench, eval, generate, info, parity, serve, train
 from gpt2fast.cli._common import Parser, UsageError, consoles
 
 __all__ = ["PROG", "UsageError", "build_parser", "main"]
@@ -28,7 +28,7 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Custom Triton/CUDA kernels for GPT-2, checked against transformers.")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (generate, eval, info, parity, bench, serve):
+    for command in (generate, eval, info, parity, bench, serve, train):
         command.add_parser(sub)
     return parser
 

@@ -145,20 +145,22 @@ def backend_summary(name: str | None, device: torch.device) -> str:
 def add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     """``--model DIR`` | ``--random SIZE`` (one of them, required or not), ``--init-seed`` and ``--device``."""
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--model", metavar="DIR", help="Hugging Face GPT-2 checkpoint directory")
+    src.add_argument("--model", metavar="DIR", help="Hugging Face GPT-2 checkpoint directory, or 'default'")
     src.add_argument("--random", metavar="SIZE", choices=tuple(SIZES), help=f"random weights: {', '.join(SIZES)}")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the --random weights (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when present)")
 
 
 def load_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, console: Console) -> GPT2:
-    """The model of ``--model DIR`` or ``--random SIZE``, with a spinner while it loads."""
+    """The model of ``--model DIR`` (``default``: the shipped model, also used when neither option is given) or
+    ``--random SIZE``, with a spinner while it loads."""
     from gpt2fast.config import GPT2Config
+    from gpt2fast.loading import DEFAULT_MODEL, resolve_checkpoint
     from gpt2fast.model import GPT2
 
     backend = check_backend(args.backend, device)
-    if args.model is not None:
-        path = Path(args.model)
+    if args.model is not None or args.random is None:  # neither given: the shipped default model
+        path = resolve_checkpoint(args.model or DEFAULT_MODEL)
         if not path.exists():
             raise UsageError(f"--model {path}: no such directory")
         with spinner(console, f"loading {path} ({dtype_name(dtype)}, {device})"):
@@ -176,7 +178,9 @@ def load_tokenizer(args: argparse.Namespace) -> Tokenizer:
         path = Path(args.tokenizer)
         return Tokenizer.from_tiktoken(path) if path.is_file() else Tokenizer.from_pretrained(path)
     if args.model is not None:
-        d = Path(args.model)
+        from gpt2fast.loading import resolve_checkpoint
+
+        d = resolve_checkpoint(args.model)
         if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file():
             return Tokenizer.from_pretrained(d)
     return Tokenizer.default()

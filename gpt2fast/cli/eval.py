@@ -1,5 +1,5 @@
-"""``gpt2fast eval``: evaluation commands, one subcommand each (``bleu``; ``perplexity`` can be added the same way:
-a ``_add_<name>(sub)`` parser function listed in :data:`SUBCOMMANDS`, with its handler).
+"""``gpt2fast eval``: evaluation commands, one subcommand each (``bleu`` here; ``perplexity`` in
+:mod:`gpt2fast.cli.eval_perplexity`): a parser function listed in :data:`SUBCOMMANDS`, with its handler.
 
 ``gpt2fast eval bleu --model DIR --prompts FILE --references FILE [generation knobs]`` continues every prompt
 (one per line), scores the continuations against the references (one per line) with sacrebleu's corpus BLEU and
@@ -21,6 +21,7 @@ from gpt2fast.cli._common import (
     consoles,
     spinner,
 )
+from gpt2fast.cli.eval_perplexity import add_perplexity_parser
 from gpt2fast.cli.generate import _check, add_generation_args, generation_kwargs, load_for_generation
 
 
@@ -117,12 +118,12 @@ def _add_bleu(sub: Subparsers) -> None:
 
 
 #: The ``eval`` subcommands: each adds its parser (and handler) to the ``eval`` subparsers.
-SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_bleu,)
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_bleu, add_perplexity_parser)
 
 
 def add_parser(subparsers: Subparsers) -> None:
     """Add ``eval`` with its subcommands to the ``gpt2fast`` subparsers."""
-    ev = subparsers.add_parser("eval", help="evaluate generation (bleu)")
-    sub = ev.add_subparsers(dest="eval_command", metavar="{bleu}", required=True)
+    ev = subparsers.add_parser("eval", help="evaluate a model: generation (bleu), perplexity")
+    sub = ev.add_subparsers(dest="eval_command", metavar="{bleu,perplexity}", required=True)
     for add in SUBCOMMANDS:
         add(sub)

@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: Subparsers) -> None:
     """Add ``generate`` to the ``gpt2fast`` subparsers."""
     p = sub.add_parser("generate", help="continue a prompt, streaming the text", description=run.__doc__)
-    add_model_args(p, required=True)
+    add_model_args(p, required=False)  # neither --model nor --random: the shipped default model
     p.add_argument("--prompt", default="The fastest GPT-2 kernels", help="text to continue")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory or .tiktoken file")
     add_generation_args(p)
