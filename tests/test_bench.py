@@ -24,6 +24,8 @@ TINY = GPT2Config.from_name("tiny")
 BUILTIN_OPS = ("layer_norm", "bias_gelu", "attention", "decode_attention", "reorder_cache")
 #: The training ops whose benchmark sweeps have target shapes too.
 TRAINING_OPS = ("linear_cross_entropy", "layer_norm_backward", "bias_gelu_backward", "attention_backward")
+#: The fused decode path's ops (their targets: GPT-2 small's decode GEMVs).
+DECODE_OPS = ("fused_linear", "fused_mlp")
 
 
 def bench(*argv: str) -> int:
@@ -101,7 +103,7 @@ def test_sweeps():
     quick = kernels.cases("quick")
     flags = [c.target for c in quick]
     assert any(flags) and flags == sorted(flags, reverse=True)  # target cases first
-    assert {c.op for c in quick if c.target} == set(BUILTIN_OPS + TRAINING_OPS)
+    assert {c.op for c in quick if c.target} == set(BUILTIN_OPS + TRAINING_OPS + DECODE_OPS)
     assert {c.op for c in kernels.cases("cpu")} == {s.name for s in ops.specs()}
     assert {c.op for c in kernels.cases("cpu", ["attention"])} == {"attention"}
     full = kernels.cases("full")

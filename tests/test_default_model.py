@@ -113,8 +113,9 @@ def test_it_writes_english_words(model):
     text = tok.decode(out[0, prompt.shape[1] :])
     assert len(re.findall(r"[A-Za-z]+", text)) >= 25, text
     assert whole_word_share(text) >= 0.9, text
-    random_text = tok.decode(torch.randint(0, 50257, (60,), generator=gen))
-    assert whole_word_share(random_text) < 0.6  # the measure can fail
+    # The measure can fail: uniformly random tokens score 0.66-0.76 over 300 tokens (seeds 0-19), below the bar
+    random_text = tok.decode(torch.randint(0, 50257, (300,), generator=torch.Generator().manual_seed(1)))
+    assert whole_word_share(random_text) < 0.85
 
 
 def test_held_out_passage_perplexity(model):

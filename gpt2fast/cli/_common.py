@@ -128,17 +128,22 @@ def check_backend(name: str | None, device: torch.device) -> str | None:
 def backend_summary(name: str | None, device: torch.device) -> str:
     """What ``--backend`` runs on ``device``: the name, or for "auto" the backend each op resolves to first
     (an input a backend declines still falls through to the next one)."""
-    from gpt2fast.ops import AUTO, get_backend, specs
+    from gpt2fast.ops import AUTO, get_backend, implementations, specs
     from gpt2fast.ops._registry import candidates
 
     name = name or get_backend()
     if name != AUTO:
         return name
-    picks = {spec.name: candidates(spec.name, AUTO, device)[0].backend for spec in specs()}
-    distinct = list(dict.fromkeys(picks.values()))
-    if len(distinct) == 1:
-        return f"auto: {distinct[0]}"
-    return "auto: " + ", ".join(f"{op} {be}" for op, be in picks.items())
+    by_backend: dict[str, list[str]] = {}
+    for spec in specs():
+        by_backend.setdefault(candidates(spec.name, AUTO, device)[0].backend, []).append(spec.name)
+    if len(by_backend) == 1:
+        return f"auto: {next(iter(by_backend))}"
+    priority = {r.backend: r.priority for r in implementations(device)}
+    # highest priority first, the fallback (reference) last, as "the other N ops"
+    *named, (last, rest) = sorted(by_backend.items(), key=lambda kv: -priority[kv[0]])
+    groups = [f"{be} ({', '.join(sorted(op_names))})" for be, op_names in named]
+    return "auto: " + ", ".join(groups) + f", {last} (the other {len(rest)} ops)"
 
 
 # ---- models and tokenizers ---------------------------------------------------------------------------------------

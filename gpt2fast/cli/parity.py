@@ -57,10 +57,11 @@ def selected_ops(requested: list[str] | None) -> list[str]:
 def _model_config(args: argparse.Namespace):
     """The config of ``--model DIR`` or ``--random SIZE`` (checked before anything runs)."""
     from gpt2fast.config import GPT2Config
+    from gpt2fast.loading import resolve_checkpoint
 
     if args.model is None:
         return GPT2Config.from_name(args.random)
-    ckpt = Path(args.model)
+    ckpt = resolve_checkpoint(args.model)  # a folder, or "default": the shipped model
     if not ckpt.is_dir():
         raise UsageError(f"--model {ckpt}: no such directory")
     return GPT2Config.from_json(ckpt)
@@ -182,7 +183,9 @@ def _run_model(args, config, dnames, backends, device, n_decode, err) -> list[Pa
 
     with contextlib.ExitStack() as stack:
         if args.model is not None:
-            ckpt = Path(args.model)
+            from gpt2fast.loading import resolve_checkpoint
+
+            ckpt = resolve_checkpoint(args.model)
         else:
             ckpt = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fast-parity-")))
             with spinner(err, f"writing a random {args.random} checkpoint"):
