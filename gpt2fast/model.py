@@ -424,9 +424,20 @@ class GPT2(nn.Module):
         loading.save_pretrained(self, directory)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """transformers-style generate: max_new_tokens=20, do_sample=False, temperature=1.0, top_k=0,
-        top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=None, pad_token_id=None,
-        generator=None, use_cuda_graph=None.  Returns ``[B, T + new]``; see :func:`gpt2fast.generation.generate`."""
+        """transformers-style generate; returns ``[B * num_return_sequences, T + new]`` (prompt + new tokens), or a
+        :class:`gpt2fast.generation.GenerateOutput` with ``return_dict_in_generate=True``.
+
+        Knobs (transformers' semantics and defaults, except ``top_k=0``, off): ``max_new_tokens=None`` (20 unless
+        ``max_length`` is given), ``max_length``, ``min_new_tokens=0``, ``min_length=0``, ``do_sample=False``,
+        ``temperature=1.0``, ``top_k=0``, ``top_p=1.0``, ``min_p=None``, ``typical_p=1.0``,
+        ``repetition_penalty=1.0``, ``no_repeat_ngram_size=0``, ``bad_words_ids=None``, ``eos_token_id=None``,
+        ``pad_token_id=None``, ``num_beams=1``, ``length_penalty=1.0``, ``early_stopping=False`` (or True,
+        "never"), ``num_return_sequences=1``, ``stop_strings=None`` (needs ``tokenizer``),
+        ``return_dict_in_generate=False``; plus ``generation_config`` (a transformers ``GenerationConfig``;
+        keyword arguments win), ``generator``, ``use_cuda_graph=None`` and ``tokenizer``.  A transformers knob
+        gpt2fast does not implement raises ``ValueError`` naming it unless it holds its inert default
+        (:data:`gpt2fast.generation.REFUSED`); an unknown keyword raises ``TypeError``.  See
+        :func:`gpt2fast.generation.generate`."""
         return generation.generate(self, input_ids, attention_mask, **kwargs)
 
     def generate_stream(

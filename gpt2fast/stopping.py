@@ -29,24 +29,22 @@ NO_BYTE = -1
 
 
 def token_bytes(tokenizer: object, vocab_size: int) -> list[bytes]:
-    """The bytes of each of the first ``vocab_size`` ids of ``tokenizer``: a gpt2fast :class:`~gpt2fast.Tokenizer`,
-    a transformers tokenizer of a byte-level BPE (GPT-2's), or anything with ``token_bytes(id) -> bytes``."""
-    if hasattr(tokenizer, "token_bytes"):
-        return [bytes(tokenizer.token_bytes(i)) for i in range(vocab_size)]
-    engine = getattr(tokenizer, "_engine", None)  # gpt2fast.Tokenizer
-    if engine is not None and hasattr(engine, "enc"):  # tiktoken
-        return [engine.enc.decode_single_token_bytes(i) if i < engine.vocab_size else b"" for i in range(vocab_size)]
-    from gpt2fast.tokenizer import _token_bytes
+    """The bytes of each of the first ``vocab_size`` ids of ``tokenizer``: a gpt2fast :class:`~gpt2fast.Tokenizer`
+    or anything with ``token_bytes(id) -> bytes``, or a transformers tokenizer of a byte-level BPE (GPT-2's).
 
-    if engine is not None and hasattr(engine, "tok"):  # HF tokenizers
-        pieces = [engine.tok.id_to_token(i) for i in range(vocab_size)]
-    elif hasattr(tokenizer, "convert_ids_to_tokens"):  # a transformers tokenizer
-        pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-    else:
+    Ids from the tokenizer's ``vocab_size`` on (a model's vocabulary padded past the tokenizer's) have no bytes.
+    """
+    if hasattr(tokenizer, "token_bytes"):
+        n = getattr(tokenizer, "vocab_size", vocab_size)
+        return [bytes(tokenizer.token_bytes(i)) if i < n else b"" for i in range(vocab_size)]
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
         raise TypeError(
             f"tokenizer must be a gpt2fast.Tokenizer, a transformers byte-level BPE tokenizer, or have "
             f"token_bytes(id); got {type(tokenizer).__name__}"
         )
+    from gpt2fast.tokenizer import _token_bytes
+
+    pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
     return [b"" if p is None else _token_bytes(p) for p in pieces]
 
 

@@ -190,6 +190,10 @@ class _HFEngine:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        token = self.tok.id_to_token(token_id)
+        return b"" if token is None else _token_bytes(token)  # None: an id no token holds
+
 
 class _TiktokenEngine:
     """Encoder on ``tiktoken`` (Rust), built from mergeable ranks with GPT-2's regex."""
@@ -241,6 +245,9 @@ class _TiktokenEngine:
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids, errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token_id)
 
 
 class Tokenizer:
@@ -391,6 +398,17 @@ class Tokenizer:
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
                 raise ValueError(f"ids must be ints in [0, {n}), got {i!r}")
         return self._engine.decode(ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes that id ``token_id`` stands for, as it appears in decoded text before UTF-8 decoding
+        (a piece of a multi-byte character is its raw bytes; :attr:`eos_token_id` is ``b"<|endoftext|>"``).
+
+        Raises ``TypeError`` unless ``token_id`` is an int and ``ValueError`` unless it is in
+        ``[0, vocab_size)``.
+        """
+        from gpt2fast.checks import check_int
+
+        return self._engine.token_bytes(check_int("token_id", token_id, 0, self.vocab_size))
 
     def encode_batch(
         self,

@@ -133,6 +133,36 @@ def test_decode_accepts_tensor_and_validates_ids(tok):
         tok.decode(torch.zeros(2, 2, dtype=torch.long))
 
 
+def test_token_bytes_spell_the_text_and_engines_agree(both):
+    tt, hf = both
+    text = "Ünïcödé 🎉 and <|endoftext|>"
+    for tok in both:
+        ids = tok.encode(text)
+        pieces = [tok.token_bytes(i) for i in ids]
+        assert b"".join(pieces) == text.encode("utf-8")
+        assert any(len(p) and not _is_utf8(p) for p in pieces), "the emoji's bytes should span tokens"
+        assert tok.token_bytes(15496) == b"Hello" and tok.token_bytes(995) == b" world"
+        assert tok.token_bytes(tok.eos_token_id) == EOS_TOKEN.encode()
+    assert all(tt.token_bytes(i) == hf.token_bytes(i) for i in range(tt.vocab_size))
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_token_bytes_rejects_bad_ids(tok):
+    for bad in (50257, -1, 10**9):
+        with pytest.raises(ValueError, match=r"token_id must be \[0, 50257\), got"):
+            tok.token_bytes(bad)
+    for bad in (1.5, True, "7", None):
+        with pytest.raises(TypeError, match="token_id must be an int"):
+            tok.token_bytes(bad)  # type: ignore[arg-type]
+
+
 # ---- batches for generate ---------------------------------------------------------------
 def test_encode_batch_left_padding(tok):
     texts = ["Hello world", "hi", "a much longer prompt than the others"]
