@@ -10,6 +10,7 @@ registered specs, so a new op needs nothing else (see ``gpt2fast/ops/README.md``
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +83,16 @@ BENCH_ROWS = {
     "quick": [1, 1024, 16384, 65536],
     "cpu": [1, 7, 64],
 }
+
+
+def row_count(shape: dict) -> int:
+    """The rows of a row-wise op's shape: ``rows`` is a count or a tuple of leading dims."""
+    rows = shape["rows"]
+    return math.prod(rows) if isinstance(rows, tuple) else rows
+
+
+#: The widths of LayerNorm's benchmark sweeps (GPT-2's n_embd, 768..1600; tiny ones on CPU), forward and backward.
+LN_WIDTHS = {"full": [768, 1024, 1280, 1600], "quick": [768, 1600], "cpu": [48, 100]}
 
 
 def row_cases(op: str, sweep: str, widths: dict[str, list[int]], **flags: list) -> list[BenchCase]:

@@ -9,7 +9,17 @@ import torch.nn.functional as F
 
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
+from gpt2fast.ops._spec import (
+    BadInput,
+    BenchCase,
+    EdgeInput,
+    Inputs,
+    OpSpec,
+    Traffic,
+    row_cases,
+    row_count,
+    seeded_randn,
+)
 
 ARGS = ("x", "bias")
 GRAD_ARGS = ("x", "bias")
@@ -111,7 +121,7 @@ def bench_cases(sweep: str) -> list[BenchCase]:
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:
     """Read x and bias, write y."""
     s = torch.empty((), dtype=dtype).element_size()
-    rows = math.prod(shape["rows"]) if isinstance(shape["rows"], tuple) else shape["rows"]
+    rows = row_count(shape)
     return Traffic(s * (2 * rows * shape["n"] + shape["n"]))
 
 

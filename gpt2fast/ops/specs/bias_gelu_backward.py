@@ -6,15 +6,23 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._autograd import run_backward
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
+from gpt2fast.ops._spec import (
+    BadInput,
+    BenchCase,
+    EdgeInput,
+    Inputs,
+    OpSpec,
+    Traffic,
+    row_cases,
+    row_count,
+    seeded_randn,
+)
 
 ARGS = ("grad_y", "x", "bias")
 
@@ -131,7 +139,7 @@ def bench_cases(sweep: str) -> list[BenchCase]:
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:
     """Read grad_y, x and bias; write dx and dbias."""
     s = torch.empty((), dtype=dtype).element_size()
-    rows = math.prod(shape["rows"]) if isinstance(shape["rows"], tuple) else shape["rows"]
+    rows = row_count(shape)
     return Traffic(s * (3 * rows * shape["n"] + 2 * shape["n"]))
 
 

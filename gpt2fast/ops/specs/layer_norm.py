@@ -10,7 +10,18 @@ import torch.nn.functional as F
 
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
+from gpt2fast.ops._spec import (
+    LN_WIDTHS,
+    BadInput,
+    BenchCase,
+    EdgeInput,
+    Inputs,
+    OpSpec,
+    Traffic,
+    row_cases,
+    row_count,
+    seeded_randn,
+)
 
 ARGS = ("x", "weight", "bias", "eps", "residual")
 GRAD_ARGS = ("x", "weight", "bias", "residual")
@@ -158,14 +169,13 @@ EDGE_INPUTS = (
 # ---- benchmarks ---------------------------------------------------------------------------------------------
 def bench_cases(sweep: str) -> list[BenchCase]:
     """GPT-2 widths (768..1600), with and without the residual, from 1 to 64k rows; tiny shapes on CPU."""
-    widths = {"full": [768, 1024, 1280, 1600], "quick": [768, 1600], "cpu": [48, 100]}
-    return row_cases("layer_norm", sweep, widths, residual=[False, True])
+    return row_cases("layer_norm", sweep, LN_WIDTHS, residual=[False, True])
 
 
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:
     """Read x (and residual), weight, bias; write y (and h = x + residual)."""
     s = torch.empty((), dtype=dtype).element_size()
-    rows = math.prod(shape["rows"]) if isinstance(shape["rows"], tuple) else shape["rows"]
+    rows = row_count(shape)
     tensors = 4 if shape["residual"] else 2
     return Traffic(s * (tensors * rows * shape["n"] + 2 * shape["n"]))
 
