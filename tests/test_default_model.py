@@ -207,3 +207,46 @@ def test_ops_on_trained_activations(model):
                         assert res.ok, f"{op} on {backend} ({dtype}): {res}"
                     checked += 1
     assert checked >= 9
+
+
+# ---- generation on trained weights ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_default():
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(str(ASSETS), dtype=torch.float32).eval()
+
+
+def _left_padded(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = Tokenizer.default().encode_batch(texts)
+    return batch.input_ids, batch.attention_mask
+
+
+@pytest.mark.parametrize(
+    "num_beams, length_penalty, early_stopping", [(2, 0.5, True), (3, 1.0, False), (5, 2.0, "never"), (3, 2.0, True)]
+)
+def test_beam_search_matches_transformers(model, hf_default, num_beams, length_penalty, early_stopping):
+    """Beam search on the trained weights, left-padded real prompts, a mid-beam EOS and several returned
+    sequences: token-identical to transformers, sequences_scores within 1e-5 (fp32)."""
+    from test_beam import _hf, _mid_beam_eos, _ours, assert_same
+
+    ids, mask = _left_padded(["KING.\nWhat says the", "ROMEO.\nO"])
+    kw = dict(max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+              num_return_sequences=2, eos_token_id=_mid_beam_eos(model, ids, mask, num_beams, 10))  # fmt: skip
+    assert_same(_ours(model, ids, mask, **kw), _hf(hf_default, ids, mask, **kw), str(kw))
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2), dict(min_new_tokens=12, eos_token_id=198),
+     dict(bad_words_ids=[[198], [11]])],
+)  # fmt: skip
+def test_greedy_processors_match_transformers(model, hf_default, knobs):
+    """Processors in greedy mode on the trained weights (whose distributions are far from flat): the same tokens
+    as transformers."""
+    ids, mask = _left_padded(["KING.\nWhat says the", "ROMEO.\nO"])
+    kw = dict(max_new_tokens=16, pad_token_id=50256, **knobs)
+    kw.setdefault("eos_token_id", None)
+    ours = model.generate(ids, mask, **kw)
+    with torch.no_grad():
+        ref = hf_default.generate(ids, attention_mask=mask, do_sample=False, **kw)
+    assert torch.equal(ours, ref), (knobs, ours, ref)
