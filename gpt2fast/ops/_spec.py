@@ -91,10 +91,6 @@ def row_count(shape: dict) -> int:
     return math.prod(rows) if isinstance(rows, tuple) else rows
 
 
-#: The widths of LayerNorm's benchmark sweeps (GPT-2's n_embd, 768..1600; tiny ones on CPU), forward and backward.
-LN_WIDTHS = {"full": [768, 1024, 1280, 1600], "quick": [768, 1600], "cpu": [48, 100]}
-
-
 def row_cases(op: str, sweep: str, widths: dict[str, list[int]], **flags: list) -> list[BenchCase]:
     """A row-wise op's cases: every width of ``widths[sweep]`` x every combination of ``flags`` (name -> values,
     e.g. ``residual=[False, True]``, each a plot line) x :data:`BENCH_ROWS` rows; the targets are >= 16k rows."""

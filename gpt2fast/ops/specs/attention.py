@@ -80,15 +80,16 @@ GPU_SHAPES = tuple(
 )
 
 
-def shape_strategy(size: int):
-    """Hypothesis: B <= 2, H <= 2·size, T up to 160·size, every supported head dim, causal or not, a scale."""
+def shape_strategy(size: int, max_heads: int | None = None, seq_per_size: int = 160):
+    """Hypothesis: B <= 2, H <= ``max_heads`` (2·size), T up to ``seq_per_size``·size, every supported head dim,
+    causal or not, a scale (the backward's strategy too, with fewer heads and shorter sequences)."""
     from hypothesis import strategies as st
 
     return st.fixed_dictionaries(
         dict(
             batch=st.integers(1, 2),
-            heads=st.integers(1, 2 * size),
-            seq=st.integers(1, 160 * size),
+            heads=st.integers(1, max_heads or 2 * size),
+            seq=st.integers(1, seq_per_size * size),
             head_dim=st.sampled_from([32, 64, 128]),
             causal=st.booleans(),
             scale=st.one_of(st.none(), st.floats(0.02, 1.0)),
@@ -96,12 +97,12 @@ def shape_strategy(size: int):
     )
 
 
-def _bthd(inputs: Inputs) -> Inputs:
-    """q/k/v as a QKV projection produces them: [B, T, H, D] storage viewed as [B, H, T, D] (no copy)."""
+def bthd(inputs: Inputs, names: tuple[str, ...] = ("q", "k", "v")) -> Inputs:
+    """The ``names`` operands as a QKV projection produces them: [B, T, H, D] storage viewed as [B, H, T, D]
+    (no copy)."""
     out = dict(inputs)
-    for name in ("q", "k", "v"):
-        t = inputs[name]
-        out[name] = t.transpose(1, 2).contiguous().transpose(1, 2)
+    for name in names:
+        out[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
     return out
 
 
@@ -153,7 +154,7 @@ EDGE_INPUTS = (
               lambda d: _args(q=_rn(1, 2, 5, 64, device=d)[..., ::2], device=d)),
 )  # fmt: skip
 
-VIEWS = (View("bthd", _bthd), View("qkv-slices", _qkv))
+VIEWS = (View("bthd", bthd), View("qkv-slices", _qkv))
 
 
 # ---- benchmarks ---------------------------------------------------------------------------------------------

@@ -131,27 +131,13 @@ GPU_SHAPES = tuple(
 
 
 def shape_strategy(size: int):
-    """Hypothesis: B <= 2, H <= 2, T up to 64·size, every supported head dim, causal or not, a scale."""
-    from hypothesis import strategies as st
-
-    return st.fixed_dictionaries(
-        dict(
-            batch=st.integers(1, 2),
-            heads=st.integers(1, 2),
-            seq=st.integers(1, 64 * size),
-            head_dim=st.sampled_from([32, 64, 128]),
-            causal=st.booleans(),
-            scale=st.one_of(st.none(), st.floats(0.02, 1.0)),
-        )
-    )
+    """Hypothesis: as ``attention``'s, with H <= 2 and T up to 64·size."""
+    return fwd.shape_strategy(size, max_heads=2, seq_per_size=64)
 
 
 def _bthd(inputs: Inputs) -> Inputs:
     """Every [B, H, T, D] operand stored as [B, T, H, D] (the layout of the model's QKV views and gradients)."""
-    out = dict(inputs)
-    for name in ("grad_out", "q", "k", "v", "out"):
-        out[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
-    return out
+    return fwd.bthd(inputs, ("grad_out", "q", "k", "v", "out"))
 
 
 VIEWS = (View("bthd", _bthd),)

@@ -7,19 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gpt2fast.ops import _spec
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import (
-    BadInput,
-    BenchCase,
-    EdgeInput,
-    Inputs,
-    OpSpec,
-    Traffic,
-    row_cases,
-    row_count,
-    seeded_randn,
-)
+from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 
 ARGS = ("x", "bias")
 GRAD_ARGS = ("x", "bias")
@@ -121,7 +112,7 @@ def bench_cases(sweep: str) -> list[BenchCase]:
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:
     """Read x and bias, write y."""
     s = torch.empty((), dtype=dtype).element_size()
-    rows = row_count(shape)
+    rows = _spec.row_count(shape)
     return Traffic(s * (2 * rows * shape["n"] + shape["n"]))
 
 

@@ -9,20 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpt2fast.ops import _spec
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._autograd import run_backward
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import (
-    BadInput,
-    BenchCase,
-    EdgeInput,
-    Inputs,
-    OpSpec,
-    Traffic,
-    row_cases,
-    row_count,
-    seeded_randn,
-)
+from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 
 ARGS = ("grad_y", "x", "bias")
 
@@ -139,7 +130,7 @@ def bench_cases(sweep: str) -> list[BenchCase]:
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:
     """Read grad_y, x and bias; write dx and dbias."""
     s = torch.empty((), dtype=dtype).element_size()
-    rows = row_count(shape)
+    rows = _spec.row_count(shape)
     return Traffic(s * (3 * rows * shape["n"] + 2 * shape["n"]))
 
 

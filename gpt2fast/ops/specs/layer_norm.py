@@ -8,20 +8,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gpt2fast.ops import _spec
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import (
-    LN_WIDTHS,
-    BadInput,
-    BenchCase,
-    EdgeInput,
-    Inputs,
-    OpSpec,
-    Traffic,
-    row_cases,
-    row_count,
-    seeded_randn,
-)
+from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 
 ARGS = ("x", "weight", "bias", "eps", "residual")
 GRAD_ARGS = ("x", "weight", "bias", "residual")
@@ -167,15 +157,19 @@ EDGE_INPUTS = (
 
 
 # ---- benchmarks ---------------------------------------------------------------------------------------------
+#: The widths of the sweeps (GPT-2's n_embd, 768..1600; tiny ones on CPU), the backward's too.
+WIDTHS = {"full": [768, 1024, 1280, 1600], "quick": [768, 1600], "cpu": [48, 100]}
+
+
 def bench_cases(sweep: str) -> list[BenchCase]:
     """GPT-2 widths (768..1600), with and without the residual, from 1 to 64k rows; tiny shapes on CPU."""
-    return row_cases("layer_norm", sweep, LN_WIDTHS, residual=[False, True])
+    return row_cases("layer_norm", sweep, WIDTHS, residual=[False, True])
 
 
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:
     """Read x (and residual), weight, bias; write y (and h = x + residual)."""
     s = torch.empty((), dtype=dtype).element_size()
-    rows = row_count(shape)
+    rows = _spec.row_count(shape)
     tensors = 4 if shape["residual"] else 2
     return Traffic(s * (tensors * rows * shape["n"] + 2 * shape["n"]))
 

@@ -15,21 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gpt2fast.ops import _spec
 from gpt2fast.ops import _validate as v
 from gpt2fast.ops._autograd import run_backward
 from gpt2fast.ops._registry import dispatch, register_op
-from gpt2fast.ops._spec import (
-    LN_WIDTHS,
-    BadInput,
-    BenchCase,
-    EdgeInput,
-    Inputs,
-    OpSpec,
-    Traffic,
-    row_cases,
-    row_count,
-    seeded_randn,
-)
+from gpt2fast.ops._spec import BadInput, BenchCase, EdgeInput, Inputs, OpSpec, Traffic, row_cases, seeded_randn
 from gpt2fast.ops.specs import layer_norm as fwd
 
 ARGS = ("grad_y", "h", "weight", "eps", "grad_h")
@@ -179,13 +169,13 @@ EDGE_INPUTS = (
 # ---- benchmarks ---------------------------------------------------------------------------------------------
 def bench_cases(sweep: str) -> list[BenchCase]:
     """GPT-2 widths, with and without ``grad_h``, from 1 to 64k rows; tiny shapes on CPU."""
-    return row_cases("layer_norm_backward", sweep, LN_WIDTHS, residual=[False, True])
+    return row_cases("layer_norm_backward", sweep, fwd.WIDTHS, residual=[False, True])
 
 
 def traffic(shape: dict, dtype: torch.dtype) -> Traffic:
     """Read grad_y, h (and grad_h), weight; write dh, dweight, dbias."""
     s = torch.empty((), dtype=dtype).element_size()
-    rows = row_count(shape)
+    rows = _spec.row_count(shape)
     tensors = 4 if shape["residual"] else 3
     return Traffic(s * (tensors * rows * shape["n"] + 3 * shape["n"]))
 
