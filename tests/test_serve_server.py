@@ -232,7 +232,16 @@ def test_client_disconnect_mid_stream_cancels_and_frees_the_slot(server):
     assert m['gpt2fast_requests_total{finish_reason="cancelled"}'] == before + 1
 
 
-def test_client_disconnect_while_waiting_for_a_whole_response_cancels(server):
+def test_client_disconnect_while_waiting_for_a_whole_response_cancels(server, monkeypatch):
+    # Each engine step takes at least 10 ms here, so the 120 tokens outlast the client's 0.3 s however fast the
+    # backend decodes (the cpu backend does the tiny model's 120 steps in about that time).
+    step = Engine.step
+
+    def slow_step(self) -> int:
+        time.sleep(0.01)
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", slow_step)
     before = metrics(server).get('gpt2fast_requests_total{finish_reason="cancelled"}', 0)
     body = {"model": NAME, "prompt": "long", "max_tokens": 120, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
