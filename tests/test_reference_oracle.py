@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fast import ops
-from gpt2fast.testing import assert_fa_close
+from gpt2fast.testing import EPS, assert_fa_close, fa_check, oracle_dtype, upcast
 
 REF = "reference"
 LOW = [torch.float16, torch.bfloat16]
@@ -112,3 +112,30 @@ def test_decode_attention_with_nothing_to_attend_is_zero():
     q, kc, vc = _randn(2, 1, 4), _randn(2, 1, 3, 4), _randn(2, 1, 3, 4)
     out = ops.decode_attention(q, kc, vc, torch.tensor([0, 2], dtype=torch.int32), backend=REF)
     assert torch.equal(out[0], torch.zeros(1, 4)) and out[1].abs().sum() > 0
+
+
+# ---- the oracle's precision ------------------------------------------------------------------
+def test_the_oracle_runs_above_the_tested_precision():
+    """fp32 inputs get an fp64 oracle, fp16/bf16 ones (even beside an fp32 tensor, attention_backward's lse) an
+    fp32 one; integer tensors and scalars pass through unchanged."""
+    lens, x32, lse = torch.tensor([3], dtype=torch.int32), torch.randn(2, 3), torch.randn(2)
+    wide = upcast(dict(x=x32, seqlens=lens, eps=1e-5))
+    assert (wide["x"].dtype, wide["seqlens"].dtype, wide["eps"]) == (torch.float64, torch.int32, 1e-5)
+    assert torch.equal(wide["x"], x32.double())
+    for dtype in LOW:
+        assert oracle_dtype(dict(q=x32.to(dtype), lse=lse)) == torch.float32
+        assert {t.dtype for t in upcast(dict(q=x32.to(dtype), lse=lse)).values()} == {torch.float32}
+
+
+def test_an_fp32_result_is_judged_against_the_fp64_oracle():
+    """One-column LayerNorm: the exact dweight is 0, PyTorch's fp32 backward is off by more than the rule's eps, so
+    the exact answer passes only against the fp64 oracle (with PyTorch's fp32 as the baseline), as it should."""
+    gen = torch.Generator().manual_seed(0)
+    h, g, w = (torch.randn(2, 1, generator=gen) * 10, torch.randn(2, 1, generator=gen), torch.ones(1))
+    inputs = dict(grad_y=g, h=h, weight=w, eps=1e-5, grad_h=None)
+    spec = ops.get_spec("layer_norm_backward")
+    base_dw, oracle_dw = spec.run_reference(inputs)[1], spec.run_reference(upcast(inputs))[1]
+    assert oracle_dw.dtype == torch.float64 and oracle_dw.abs().max() < 1e-9
+    assert base_dw.abs().max() > EPS[torch.float32]  # PyTorch's own fp32 rounding, beyond eps
+    assert fa_check(torch.zeros(1), oracle_dw, base_dw).ok
+    assert not fa_check(torch.zeros(1), base_dw.double(), base_dw).ok  # the old fp32 oracle failed the exact 0

@@ -184,13 +184,15 @@ def upstream_grads(outputs: list[torch.Tensor], seed: int = SEED) -> list[torch.
 
 
 def gradients(spec: OpSpec, backend: str | None, inputs: Inputs, grads_out: list[torch.Tensor]) -> dict:
-    """The gradients of ``spec``'s op on ``backend`` (None: the reference itself) with respect to every present
-    ``grad_args`` input, for the upstream gradients ``grads_out``: name -> tensor (zeros where none flows)."""
+    """The gradients of ``spec``'s op on ``backend`` (None: the reference implementation itself, called directly so
+    that it runs in any dtype, the fp64 oracle's too) with respect to every present ``grad_args`` input, for the
+    upstream gradients ``grads_out``: name -> tensor (zeros where none flows)."""
     ins = clone_inputs(inputs)
     leaves = {n: ins[n].detach().requires_grad_(True) for n in spec.grad_args if isinstance(ins.get(n), torch.Tensor)}
     ins.update(leaves)
     with torch.enable_grad():
-        outs = [o for o in as_list(spec.call(ins, backend or _registry.REFERENCE)) if o.is_floating_point()]
+        raw = spec.run_reference(ins) if backend is None else as_list(spec.call(ins, backend))
+        outs = [o for o in raw if o.is_floating_point()]
         gouts = [g.to(device=o.device, dtype=o.dtype) for g, o in zip(grads_out, outs, strict=True)]
         got = torch.autograd.grad(outs, list(leaves.values()), gouts, allow_unused=True)
     return {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), got)}
