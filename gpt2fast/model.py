@@ -423,7 +423,9 @@ class GPT2(nn.Module):
         """Write config.json + model.safetensors that transformers' ``GPT2LMHeadModel`` loads."""
         loading.save_pretrained(self, directory)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor | generation.GenerateOutput:
         """transformers-style generate; returns ``[B * num_return_sequences, T + new]`` (prompt + new tokens), or a
         :class:`gpt2fast.generation.GenerateOutput` with ``return_dict_in_generate=True``.
 

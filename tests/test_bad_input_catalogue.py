@@ -107,7 +107,7 @@ def run_cli(ctx, *argv: str) -> int:
 
 def _copy_checkpoint(ctx, name: str) -> Path:
     d = ctx.root / name
-    d.mkdir()
+    d.mkdir(exist_ok=True)  # the doc's rows share one context: a second row builds the same directory again
     for f in ctx.ckpt.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     return d
@@ -147,7 +147,7 @@ def no_config_checkpoint(ctx) -> Path:
 def tokenizer_without_merges(ctx) -> Path:
     """A tokenizer directory holding vocab.json but no merges.txt."""
     d = ctx.root / "tok_no_merges"
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     (d / "vocab.json").write_text(json.dumps({"a": 0, "<|endoftext|>": 1}))
     return d
 
@@ -252,6 +252,10 @@ CASES: list[Case] = [
          lambda c: Tokenizer.default().decode([50257]), ValueError, r"ids must be ints in \[0, 50257\), got 50257"),
     Case("tok-encode-bytes", "encode(b'hi')", "Tokenizer.encode", lambda c: Tokenizer.default().encode(b"hi"),
          TypeError, r"text must be a str, got bytes"),
+    Case("tok-token-bytes-over-vocab", "token_bytes(50257)", "Tokenizer.token_bytes",
+         lambda c: Tokenizer.default().token_bytes(50257), ValueError, r"token_id must be \[0, 50257\), got 50257"),
+    Case("tok-token-bytes-float", "token_bytes(1.5)", "Tokenizer.token_bytes",
+         lambda c: Tokenizer.default().token_bytes(1.5), TypeError, r"token_id must be an int, got 1\.5"),
     # ---- command line (exit status 2 and a one-line message)
     Case("cli-top-p", "generate --top-p 0", "gpt2fast generate",
          lambda c: run_cli(c, "generate", "--random", "tiny", "--top-p", "0"),
@@ -308,10 +312,14 @@ def _message(exc: BaseException, root: Path) -> str:
     return text.replace("|", "\\|")
 
 
-def _raised(call, root: Path) -> str:
+def _raised(call, root: Path, exc_type: type[BaseException], match: str) -> str:
+    """The row's exception and message; it must be the one the row declares (as its test checks), so that the
+    document never shows an accident of how it was generated."""
     try:
         call()
-    except Exception as exc:  # the row's own exception, as the tests above check
+    except Exception as exc:
+        if not isinstance(exc, exc_type) or not re.search(match, str(exc)):
+            raise AssertionError(f"expected {exc_type.__name__} matching {match!r}, got {exc!r}") from exc
         return f"`{type(exc).__name__}`: {_message(exc, root)}"
     raise AssertionError("the call raised nothing")
 
@@ -322,7 +330,7 @@ def _op_rows(root: Path) -> list[str]:
     for spec in ops.specs():
         for bad in spec.bad_inputs:
             torch.manual_seed(1)
-            msg = _raised(lambda bad=bad, spec=spec: spec.call(bad.make()), root)
+            msg = _raised(lambda bad=bad, spec=spec: spec.call(bad.make()), root, bad.exc, bad.match)
             rows.append((f"`ops.{spec.name}`", bad.input, f"{msg} — every backend, before dispatch"))
         for edge in spec.edge_inputs:
             torch.manual_seed(1)
@@ -344,7 +352,8 @@ def render_doc(files, capsys, tmp_path) -> str:
     ctx = _ctx(files, capsys, tmp_path)
     for case in CASES:
         torch.manual_seed(1)
-        rows.append((f"`{case.api}`", case.input, _raised(lambda case=case: case.call(ctx), tmp_path)))
+        msg = _raised(lambda case=case: case.call(ctx), tmp_path, case.exc, case.match)
+        rows.append((f"`{case.api}`", case.input, msg))
     lines = [
         "# Bad input: what each one raises",
         "",
