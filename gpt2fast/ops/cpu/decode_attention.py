@@ -1,4 +1,4 @@
-"""``decode_attention`` on CPU: the append as row copies, attention over the live cache length only.
+"""``decode_attention`` on CPU: the append as one indexed write per cache, attention over the live cache length only.
 
 CPU tensors' lengths are read on the host at no cost (there is no device to synchronise with), so instead of
 masking the whole ``T_max`` cache as the sync-free reference does, this runs SDPA over the first
@@ -22,11 +22,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale) ->
     t_max = k_cache.shape[2]
     lengths = [min(max(n, 0), t_max) for n in cache_seqlens.tolist()]
     if k_new is not None:
-        for b, n in enumerate(lengths):
-            if n < t_max:  # a full cache is attended to whole and appends nothing, as in the kernels
-                k_cache[b, :, n] = k_new[b]
-                v_cache[b, :, n] = v_new[b]
-                lengths[b] = n + 1
+        rows = [b for b, n in enumerate(lengths) if n < t_max]  # a full cache appends nothing, as in the kernels
+        if rows:  # one indexed write per cache for the whole batch: k_cache[b, :, lengths[b]] = k_new[b]
+            at = (torch.tensor(rows), slice(None), torch.tensor([lengths[b] for b in rows]))
+            k_cache[at] = k_new[rows]
+            v_cache[at] = v_new[rows]
+            for b in rows:
+                lengths[b] += 1
     live = max(lengths)
     if live == 0:
         return q.new_zeros(q.shape)
