@@ -29,7 +29,7 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < low or (high is not None and value >= high):
-        bounds = f"[{low}, {high})" if high is not None else f">= {low}"
+        bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
 

@@ -224,7 +224,7 @@ CASES: list[Case] = [
          ValueError, r"attention_mask must be left-padded"),
     Case("gen-eos-over-vocab", "eos_token_id 64 with vocab 64", "GPT2.generate",
          lambda c: tiny_model().generate(ids(), eos_token_id=64),
-         ValueError, r"eos_token_id must be \[0, 64\), got 64"),
+         ValueError, r"eos_token_id must be in \[0, 64\), got 64"),
     Case("gen-generator-type", "generator=42", "GPT2.generate", lambda c: tiny_model().generate(ids(), generator=42),
          TypeError, r"generator must be a torch\.Generator, got int"),
     # ---- loading
@@ -253,7 +253,7 @@ CASES: list[Case] = [
     Case("tok-encode-bytes", "encode(b'hi')", "Tokenizer.encode", lambda c: Tokenizer.default().encode(b"hi"),
          TypeError, r"text must be a str, got bytes"),
     Case("tok-token-bytes-over-vocab", "token_bytes(50257)", "Tokenizer.token_bytes",
-         lambda c: Tokenizer.default().token_bytes(50257), ValueError, r"token_id must be \[0, 50257\), got 50257"),
+         lambda c: Tokenizer.default().token_bytes(50257), ValueError, r"token_id must be in \[0, 50257\), got 50257"),
     Case("tok-token-bytes-float", "token_bytes(1.5)", "Tokenizer.token_bytes",
          lambda c: Tokenizer.default().token_bytes(1.5), TypeError, r"token_id must be an int, got 1\.5"),
     # ---- command line (exit status 2 and a one-line message)

@@ -65,9 +65,9 @@ def test_window_plan():
     assert window_plan(10, 4, 2) == [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
     assert window_plan(9, 4, 4) == [(0, 4, 4), (4, 8, 4), (8, 9, 1)]
     assert window_plan(3, 8, 4) == [(0, 3, 3)]
-    with pytest.raises(ValueError, match=r"stride must be \[1, 5\)"):
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 5\)"):
         window_plan(10, 4, 5)
-    with pytest.raises(ValueError, match=r"stride must be \[1, 5\)"):
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 5\)"):
         window_plan(10, 4, 0)
     with pytest.raises(ValueError, match="at least 2"):
         window_plan(1, 4, 2)

@@ -167,7 +167,7 @@ def test_generation_config_is_read_and_keywords_win():
         (dict(typical_p=0.0), ValueError, r"typical_p must lie in \(0, 1\]"),
         (dict(min_new_tokens=-1), ValueError, r"min_new_tokens must be >= 0"),
         (dict(bad_words_ids=[[]]), ValueError, r"bad_words_ids must be a non-empty list of non-empty lists"),
-        (dict(bad_words_ids=[[1, 64]]), ValueError, r"bad_words_ids must be \[0, 64\), got 64"),
+        (dict(bad_words_ids=[[1, 64]]), ValueError, r"bad_words_ids must be in \[0, 64\), got 64"),
         (dict(max_length=4), ValueError, r"max_length=4 leaves no room after the prompt's 4 tokens"),
         (dict(return_dict_in_generate=1), TypeError, r"return_dict_in_generate must be a bool"),
         (dict(generation_config={"num_beams": 2}), TypeError, r"generation_config must be a transformers"),

@@ -156,7 +156,7 @@ def _is_utf8(b: bytes) -> bool:
 
 def test_token_bytes_rejects_bad_ids(tok):
     for bad in (50257, -1, 10**9):
-        with pytest.raises(ValueError, match=r"token_id must be \[0, 50257\), got"):
+        with pytest.raises(ValueError, match=r"token_id must be in \[0, 50257\), got"):
             tok.token_bytes(bad)
     for bad in (1.5, True, "7", None):
         with pytest.raises(TypeError, match="token_id must be an int"):

@@ -231,7 +231,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         (dict(beta2=1.0), ValueError, r"--beta2 must lie in \[0, 1\)"),
         (dict(grad_clip=-1.0), ValueError, "--grad-clip must be >= 0"),
         (dict(dtype="fp8"), ValueError, "--dtype must be one of fp32, bf16, fp16"),
-        (dict(stop_at=25), ValueError, r"--stop-at must be \[1, 25\)"),
+        (dict(stop_at=25), ValueError, r"--stop-at must be in \[1, 25\)"),
         (dict(min_lr=1.0), ValueError, r"--min-lr \(1.0\) must not exceed --lr"),
         (dict(dropout=1.0), ValueError, r"--dropout must lie in \[0, 1\)"),
         (dict(val_fraction=1.0), ValueError, r"--val-fraction must lie in \(0, 1\)"),
