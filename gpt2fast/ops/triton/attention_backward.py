@@ -72,8 +72,11 @@ def _dkdv_blocks(
     dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dt, offs_n, lo, hi, T, qk_scale,
     MASKED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Fold query blocks [lo, hi) into this key block's (dk, dv); MASKED applies the causal mask."""
+    """Fold query blocks [lo, hi) into this key block's (dk, dv); MASKED applies the causal mask.  Key rows past
+    T are zeroed too: their probability would be exp2(-lse), which overflows for very negative scores (those
+    rows are never stored, but inf in them is needless)."""
     offs_m0 = tl.arange(0, BLOCK_M)
+    key_rows = offs_n[:, None] < T
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         rows = offs_m < T
@@ -85,8 +88,10 @@ def _dkdv_blocks(
             q = q.to(tl.float32)
             do = do.to(tl.float32)
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse2[None, :])  # [BN, BM]
+        keep = key_rows
         if MASKED:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            keep = keep & (offs_m[None, :] >= offs_n[:, None])
+        p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         ds_t = p_t * (dp_t - delta[None, :])
