@@ -34,7 +34,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 # ---- ops -----------------------------------------------------------------------------------------------------
 @dataclass
 class OpParityRow:
-    """One op on one backend, dtype and test shape: the worst output against the fp32 reference.
+    """One op on one backend, dtype and test shape: the worst output against the oracle.
 
     ``err``/``bound``/``baseline_err`` are those of the output (or in-place write) closest to failing;
     ``error`` is the exception text when the backend raised (then ``ok`` is False and the figures are None).

@@ -185,7 +185,7 @@ def _record_reference_calls(model: GPT2, ids: torch.Tensor) -> dict[str, list[tu
 
 def test_ops_on_trained_activations(model):
     """Every op the model calls, on the inputs the trained model really gives it (its LayerNorm rows, GELU inputs,
-    attention q/k/v), on every available backend and dtype, against the fp32 reference (FlashAttention rule)."""
+    attention q/k/v), on every available backend and dtype, against the oracle (FlashAttention rule)."""
     calls = _record_reference_calls(model, passage_ids(64))
     assert {"layer_norm", "bias_gelu", "attention"} <= calls.keys()
     checked = 0

@@ -92,7 +92,7 @@ EDGE = [_param(spec, be, None, edge, why, id_=f"-{edge.id}") for spec, be, why i
 
 @pytest.mark.parametrize(("spec", "backend", "shape", "dtype"), PARITY)
 def test_parity(spec, backend, shape, dtype):
-    """Outputs and in-place writes match the fp32 reference under the FlashAttention rule; inputs untouched."""
+    """Outputs and in-place writes match the oracle under the FlashAttention rule; inputs untouched."""
     cf.check_parity(spec, backend, _inputs(spec, shape, dtype), shape=shape)
 
 
@@ -105,7 +105,7 @@ def test_parity_gpu_shapes(spec, backend, shape, dtype):
 @pytest.mark.parametrize(("spec", "backend", "shape", "dtype"), GRADIENTS)
 def test_gradients(spec, backend, shape, dtype):
     """Every differentiable (op, backend) pair: the gradients of a random upstream gradient, for every argument
-    that takes one, match the fp32 reference's autograd gradients under the FlashAttention rule."""
+    that takes one, match the oracle's autograd gradients under the FlashAttention rule."""
     cf.check_gradients(spec, backend, _inputs(spec, shape, dtype), shape=shape)
 
 

@@ -1,4 +1,4 @@
-"""Randomized parity of every op on every kernel backend against the fp32 reference (FlashAttention rule).
+"""Randomized parity of every op on every kernel backend against the oracle (FlashAttention rule).
 
 Each op's spec supplies the Hypothesis strategy of its shapes (``shape_strategy``: extents from 1 up to moderately
 large, every supported head dim, ragged cache lengths that include 0 and a full cache, scales, causal flags...);

@@ -7,11 +7,12 @@ Everything about an op comes from its spec (``gpt2fast.ops.specs()``, read when 
 providers of an op are then every registered backend implementing it (``gpt2fast:<name>``; unavailable ones
 recorded with the reason), its baselines, and ``torch.compile`` of its reference.
 
-For each case (op, shape, dtype) the harness builds inputs once, computes the fp32 reference and the reference
-in the input dtype on the check slice (for the FlashAttention parity rule), then times each provider and checks
-its output.  A case whose shape says ``backward=True`` (inputs that require grad) times the forward plus the
-backward of every provider (:func:`with_backward`).  On a GPU each record also has the peak memory its call
-allocated (``peak_mem_bytes``).  A provider that cannot run is recorded with its error; nothing here is fatal.
+For each case (op, shape, dtype) the harness builds inputs once, computes the oracle (the reference one
+precision up) and the reference in the input dtype on the check slice (for the FlashAttention parity rule),
+then times each provider and checks its output.  A case whose shape says ``backward=True`` (inputs that
+require grad) times the forward plus the backward of every provider (:func:`with_backward`).  On a GPU each
+record also has the peak memory its call allocated (``peak_mem_bytes``).  A provider that cannot run is
+recorded with its error; nothing here is fatal.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def traffic(case: BenchCase, dtype: torch.dtype) -> Traffic:
 
 
 def reference_outputs(case: BenchCase, inputs: Inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(fp32 reference, the reference in the input dtype) on the spec's check slice of ``inputs`` (forward only)."""
+    """(the oracle, the reference in the input dtype) on the spec's check slice of ``inputs`` (forward only)."""
     spec = ops.get_spec(case.op)
     sub = {
         k: (t.detach() if isinstance(t, torch.Tensor) else t) for k, t in spec.check_inputs(case.shape, inputs).items()

@@ -146,7 +146,7 @@ class OpSpec:
     shape_strategy: Callable[[int], Any] | None = None  # size -> a Hypothesis strategy of shapes
     bench_cases: Callable[[str], list[BenchCase]] = _no_cases  # "full" / "quick" / "cpu" -> cases
     traffic: Callable[[dict, torch.dtype], Traffic] = _element_traffic
-    check_inputs: Callable[[dict, Inputs], Inputs] = _whole  # a slice small enough for the fp32 reference
+    check_inputs: Callable[[dict, Inputs], Inputs] = _whole  # a slice small enough for the oracle
     check_outputs: Callable[[dict, list[torch.Tensor]], list[torch.Tensor]] = _whole_outputs  # the same slice
     baselines: Callable[[torch.device], dict[str, Provider | str]] = _no_baselines  # other libraries' versions
 

@@ -1,8 +1,9 @@
 """The reference backend by op name: ``reference.layer_norm(...)`` is that op's spec's reference implementation.
 
-Plain PyTorch, any device, computed in the input dtype: the parity oracle.  Run on fp32 inputs it gives the
-fp32 reference; run on fp16/bf16 inputs it gives "what PyTorch itself gets in that dtype", the baseline of the
-FlashAttention tolerance rule (see :mod:`gpt2fast.testing`).  The implementations live in the op specs
+Plain PyTorch, any device, computed in the input dtype: the parity oracle.  Run on inputs upcast one
+precision (``gpt2fast.testing.upcast``: fp64 for fp32, fp32 for fp16/bf16) it gives the oracle; run on the
+inputs themselves it gives "what PyTorch itself gets in that dtype", the baseline of the FlashAttention
+tolerance rule (see :mod:`gpt2fast.testing`).  The implementations live in the op specs
 (``gpt2fast/ops/specs/``); this module only looks them up, so a new op needs no edit here.
 """
 

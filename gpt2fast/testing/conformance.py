@@ -11,7 +11,7 @@ is tested without writing a test; a third-party backend can also call :func:`che
   raises that reason and "auto" falls through).
 * :func:`check_gradients`: for a backend that registers a backward, the gradients of a seeded random upstream
   gradient (every argument in the spec's ``grad_args``) against the reference's autograd gradients, under the same
-  rule (fp32 reference as the oracle, the reference in the input dtype as the baseline).
+  rule (the reference one precision up as the oracle, the reference in the input dtype as the baseline).
 * :func:`check_determinism`: two runs are bit-identical.
 * :func:`check_bad_input`: the shared validation refuses it with the spec's message and no implementation is
   ever called (:func:`count_dispatches`).
